@@ -1,0 +1,1 @@
+"""Plain PyTorch networks: no Lightning, no polars, no files."""
