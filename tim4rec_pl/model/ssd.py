@@ -1,0 +1,291 @@
+"""The SSD scan (Mamba-2 "state space duality"), the sequence mixer at the heart of TiM4Rec.
+
+Shapes: batch b, length L, heads H of width P, state size N, groups G (H % G == 0; head h reads group
+h // (H // G)). Inputs x (b, L, H, P), dt (b, L, H), A (H,), B and C (b, L, G, N).
+
+Per head, with a (P, N) state S:
+
+    delta_t = softplus(dt_t + dt_bias)        (softplus only when dt_softplus)
+    S_t     = exp(delta_t * A) * S_{t-1} + delta_t * x_t B_t^T
+    y_t     = S_t C_t + D * x_t
+
+Unrolled, y = M (delta * x) + D * x with the 1-semiseparable mask
+M[t, s] = C_t . B_s * exp(A * sum(delta_{s+1..t})) for s <= t, else 0.
+
+The "torch" backend computes this in chunks of Q positions: inside a chunk, the quadratic (masked decay matrix)
+form; between chunks, a short recurrence over the (P, N) states at chunk ends. The chunk size changes only how
+the result is computed, never the result. The "triton" backend calls mamba-ssm's fused kernels (CUDA only,
+optional dependency, imported lazily).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tim4rec_pl.errors import UserError
+
+BACKENDS = ("auto", "torch", "triton")
+
+_GPU_HINT = "install the `gpu` extra (pip install 'tim4rec-pl[gpu]') or set `ssd_backend: torch`"
+
+
+@functools.cache
+def _mamba_available() -> bool:
+    """Whether mamba-ssm's Triton SSD kernels import here (checked once per process)."""
+    try:
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except Exception:  # ImportError, or triton failing to find a GPU/compiler at import
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Choose the SSD implementation for tensors on `device`.
+
+    Args:
+        backend: "auto" (Triton on CUDA when mamba-ssm imports, else torch), "torch" or "triton".
+        device: device the inputs live on.
+
+    Returns:
+        "torch" or "triton".
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown ssd_backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _mamba_available() else "torch"
+    if device.type != "cuda":
+        raise UserError(f"ssd_backend 'triton' needs a CUDA device but the inputs are on {device.type}: {_GPU_HINT}")
+    if not _mamba_available():
+        raise UserError(f"ssd_backend 'triton' needs mamba-ssm and triton, which do not import here: {_GPU_HINT}")
+    return "triton"
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Half-precision inputs are upcast; float64 stays float64 (used by the reference tests).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _step_sizes(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dtype: torch.dtype) -> Tensor:
+    delta = dt.to(dtype)
+    if dt_bias is not None:
+        delta = delta + dt_bias.to(dtype)
+    if dt_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
+    """y + D * x, D of shape (H,) or (H, P); x is (..., H, P)."""
+    if D is None:
+        return y
+    D = D.to(y.dtype)
+    return y + x * (D[:, None] if D.dim() == 1 else D)
+
+
+def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, L, H, P), got {tuple(x.shape)}")
+    b, seqlen, h, p = x.shape
+    if dt.shape != (b, seqlen, h) or A.shape != (h,):
+        raise ValueError(f"dt {tuple(dt.shape)} / A {tuple(A.shape)} do not match x {tuple(x.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (b, seqlen) or C.shape != B.shape:
+        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)} must both be (B, L, G, N) with x {tuple(x.shape)}")
+    if h % B.shape[2]:
+        raise ValueError(f"{h} heads are not divisible into {B.shape[2]} groups")
+    if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
+        raise ValueError(f"initial_state {tuple(initial_state.shape)} must be (B, H, P, N) = {(b, h, p, B.shape[3])}")
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 32,
+    return_final_state: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the SSD recurrence over whole sequences.
+
+    Args:
+        x: inputs, (B, L, H, P).
+        dt: raw step sizes, before dt_bias and softplus, (B, L, H).
+        A: negative decay rates, (H,) (A = -exp(A_log)).
+        B: input projections, (B, L, G, N).
+        C: output projections, (B, L, G, N).
+        D: skip connection, (H,) or (H, P); None for no skip.
+        dt_bias: added to dt before the softplus, (H,).
+        dt_softplus: apply softplus to dt + dt_bias.
+        initial_state: state before the first position, (B, H, P, N); zeros when None.
+        chunk_size: positions per chunk; changes the cost, never the result.
+        return_final_state: also return the state after the last position.
+        backend: "auto", "torch" or "triton" (see `resolve_backend`).
+
+    Returns:
+        y (B, L, H, P) in x's dtype, and with return_final_state the final state (B, H, P, N) in float32
+        (float64 for float64 inputs).
+    """
+    _check_shapes(x, dt, A, B, C, initial_state)
+    if chunk_size < 1:
+        raise UserError(f"chunk_size must be a positive integer, got {chunk_size}: set `chunk_size` to e.g. 32")
+    if resolve_backend(backend, x.device) == "triton":
+        return _scan_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, chunk_size, return_final_state)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # decays and sums must stay in float32
+        y, final = _scan_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, chunk_size, return_final_state)
+    return (y, final) if return_final_state else y
+
+
+def _scan_torch(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    need_final: bool,
+) -> tuple[Tensor, Tensor | None]:
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    dtype = _compute_dtype(x)
+
+    # 1. Step sizes and per-step log-decays; fold delta into x once.
+    delta = _step_sizes(dt, dt_bias, dt_softplus, dtype)  # (b, L, H)
+    xf = x.to(dtype)
+    xd = xf * delta[..., None]  # (b, L, H, P)
+    dA = delta * A.to(dtype)  # (b, L, H), <= 0
+    Bf, Cf = B.to(dtype), C.to(dtype)
+
+    # 2. Chunking. A single chunk when it fits; otherwise pad with delta = 0 (decay 1, no input), which leaves
+    # the state and the kept outputs unchanged.
+    q = min(chunk_size, seqlen)
+    c = -(-seqlen // q)
+    pad = c * q - seqlen
+    if pad:
+        xd = F.pad(xd, (0, 0, 0, 0, 0, pad))
+        dA = F.pad(dA, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    # Group-major layouts, so heads sharing B/C broadcast over a size-hg axis.
+    xc = xd.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, G, hg, Q, P)
+    Bc = Bf.view(b, c, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, G, 1, Q, N)
+    Cc = Cf.view(b, c, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, c, G, 1, Q, N)
+    cum = dA.view(b, c, q, g, hg).permute(0, 1, 3, 4, 2).cumsum(-1)  # (b, c, G, hg, Q)
+
+    # 3. Intra-chunk (diagonal blocks): y[t] = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) xd_s.
+    # Mask with -inf before exp: no positive exponents, no inf * 0 in the backward pass.
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))  # (b, c, G, hg, Q, Q)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, G, 1, Q, Q)
+    y = (CB * seg.exp()) @ xc  # (b, c, G, hg, Q, P)
+
+    # 4. Inter-chunk: states at chunk ends, passed along chunks, read back through C.
+    final = None
+    if c > 1 or initial_state is not None or need_final:
+        to_end = (cum[..., -1:] - cum).exp()  # (b, c, G, hg, Q), decay from s to the chunk's end
+        states = (xc * to_end[..., None]).transpose(-1, -2) @ Bc  # (b, c, G, hg, P, N)
+        chunk_decay = cum[..., -1].exp()  # (b, c, G, hg)
+        if initial_state is None:
+            s = torch.zeros(b, g, hg, p, n, dtype=dtype, device=x.device)
+        else:
+            s = initial_state.to(dtype).view(b, g, hg, p, n)
+        entering = []
+        for ci in range(c):
+            entering.append(s)
+            s = chunk_decay[:, ci, ..., None, None] * s + states[:, ci]
+        final = s.view(b, h, p, n)
+        prev = torch.stack(entering, dim=1)  # (b, c, G, hg, P, N)
+        y = y + (Cc @ prev.transpose(-1, -2)) * cum.exp()[..., None]  # (b, c, G, hg, Q, P)
+
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :seqlen]  # (b, L, H, P)
+    y = _skip(y, xf, D)
+    return y.to(x.dtype), final
+
+
+def _scan_triton(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    need_final: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    out = mamba_chunk_scan_combined(
+        x.contiguous(),
+        dt.contiguous(),
+        A.float(),
+        B.contiguous(),
+        C.contiguous(),
+        chunk_size,
+        D=None if D is None else D.float(),
+        dt_bias=None if dt_bias is None else dt_bias.float(),
+        initial_states=None if initial_state is None else initial_state.float().contiguous(),
+        dt_softplus=dt_softplus,
+        return_final_states=need_final,
+    )
+    if need_final:
+        y, final = out
+        return y, final.float()
+    return out
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Advance the recurrence by one position (streaming inference).
+
+    Args:
+        state: state before this position, (B, H, P, N).
+        x: input at this position, (B, H, P).
+        dt: raw step size, (B, H).
+        A: negative decay rates, (H,).
+        B: input projection, (B, G, N).
+        C: output projection, (B, G, N).
+        D: skip connection, (H,) or (H, P).
+        dt_bias: added to dt before the softplus, (H,).
+        dt_softplus: apply softplus to dt + dt_bias.
+
+    Returns:
+        y (B, H, P) in x's dtype, and the new state (B, H, P, N) in float32 (float64 for float64 inputs).
+    """
+    h, g = x.shape[1], B.shape[1]
+    dtype = _compute_dtype(x)
+    delta = _step_sizes(dt, dt_bias, dt_softplus, dtype)  # (b, H)
+    xf = x.to(dtype)
+    Bh = B.to(dtype).repeat_interleave(h // g, dim=1)  # (b, H, N)
+    Ch = C.to(dtype).repeat_interleave(h // g, dim=1)  # (b, H, N)
+    decay = (delta * A.to(dtype)).exp()[..., None, None]  # (b, H, 1, 1)
+    new_state = decay * state.to(dtype) + (xf * delta[..., None])[..., None] * Bh[:, :, None, :]  # (b, H, P, N)
+    y = (new_state @ Ch[..., None]).squeeze(-1)  # (b, H, P)
+    return _skip(y, xf, D).to(x.dtype), new_state
