@@ -1,0 +1,99 @@
+"""Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """Causal depthwise convolution of a channels-last sequence with the weights of a depthwise `conv`.
+
+    out[:, t, c] = bias[c] + sum_k weight[c, 0, k] * x[:, t - (K - 1) + k, c], with zeros before position 0.
+    This equals `conv` applied with K - 1 zeros of left padding (first L outputs kept), but works on the
+    (B, L, C) layout the projections produce, so no transposes or copies of strided slices are needed;
+    on CPU it is also faster than the depthwise Conv1d kernel.
+
+    Args:
+        x: input, (B, L, C); may be a strided slice of a wider tensor.
+        conv: a depthwise `nn.Conv1d(C, C, K, groups=C)`; only its weight (C, 1, K) and bias (C,) are used.
+
+    Returns:
+        (B, L, C), contiguous.
+    """
+    k = conv.weight.shape[-1]
+    length = x.shape[1]
+    xp = F.pad(x, (0, 0, k - 1, 0))  # (B, L + K - 1, C)
+    w = conv.weight[:, 0, :].t()  # (K, C)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(w[0])
+    out = torch.addcmul(bias, xp[:, 0:length], w[0])  # (B, L, C)
+    for i in range(1, k):
+        out = out.addcmul_(xp[:, i : i + length], w[i])
+    return out
+
+
+def causal_conv_channels_first(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """Causal depthwise convolution of a channels-first sequence (B, C, L): K - 1 zeros of left padding."""
+    k = conv.weight.shape[-1]
+    return F.conv1d(F.pad(x, (k - 1, 0)), conv.weight, conv.bias, groups=conv.groups)  # (B, C, L)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of `y * SiLU(z)` over the last dimension (gate first, then normalise), times a learned weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        y = y * F.silu(z)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN with a post-norm residual: LayerNorm(Dropout(fc2(Dropout(act(fc1(h))))) + h)."""
+
+    def __init__(self, d_model: int, inner: int, dropout: float, eps: float, activation: nn.Module) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, inner)
+        self.fc2 = nn.Linear(inner, d_model)
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.fc2(self.dropout(self.activation(self.fc1(h))))
+        return self.layer_norm(self.dropout(out) + h)
+
+
+def init_recsys_weights(module: nn.Module, std: float = 0.02, kaiming_conv: bool = False) -> None:
+    """The RecBole-style blanket initialisation, applied with `model.apply(...)`.
+
+    Linear and Embedding weights ~ Normal(0, std) (the embedding's padding row included, so it is not zero),
+    Linear biases 0, LayerNorm weight 1 and bias 0; Conv1d kaiming-normal (fan_out, relu) with bias 0 when
+    `kaiming_conv`, else left at PyTorch's default.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv1d) and kaiming_conv:
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def inverse_softplus_dt(num: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """Biases b with softplus(b) = dt0, dt0 log-uniform in [dt_min, dt_max] and clamped below at `floor`."""
+    log_dt = torch.rand(num) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus, stable for small dt

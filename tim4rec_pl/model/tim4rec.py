@@ -1,0 +1,307 @@
+"""TiM4Rec: a time-aware structured state space duality (Mamba-2 SSD) sequential recommender.
+
+Fan et al., "TiM4Rec: An Efficient Sequential Recommendation Model Based on Time-Aware Structured State Space
+Duality Model", Neurocomputing 2025 (arXiv 2409.16182). This is the reference behaviour of SPEC §3, step by step,
+including its quirks (SPEC §9): the time path LayerNorms over the sequence axis, mixes positions with
+Linear(L -> L) layers, and sees the large negative gap right after the last item. Module and parameter names
+follow the reference checkpoints, so their state dicts load with `load_state_dict(strict=True)`.
+
+Inputs (the RecBole layout, owned by `tim4rec_pl.data`): `item_seq` (B, L) long, left-aligned and right-padded
+with item 0; `item_seq_len` (B,) long; `timestamps` (B, L) float32 seconds, 0 on padding.
+Shapes: d = d_model, D_in = expand * d, H = D_in / head_dim heads of width P = head_dim, N = d_state.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tim4rec_pl.errors import UserError
+from tim4rec_pl.model.layers import (
+    FeedForward,
+    GatedRMSNorm,
+    causal_conv_channels_first,
+    causal_conv_channels_last,
+    init_recsys_weights,
+    inverse_softplus_dt,
+)
+from tim4rec_pl.model.ssd import ssd_scan
+
+ConvActivation = Literal["hardswish", "silu"]
+SSDBackend = Literal["auto", "torch", "triton"]
+_ACTIVATIONS = {"hardswish": nn.Hardswish, "silu": nn.SiLU}
+_FFN_EPS = 1e-12  # the reference FFN LayerNorm ignores norm_eps
+
+
+class TiSSD(nn.Module):
+    """The time-aware SSD mixer (SPEC §3 "TiSSD mixer"): u (B, L, d), tau (B, H, L) -> out (B, L, d), tau_next."""
+
+    def __init__(
+        self,
+        d_model: int,
+        max_seq_len: int,
+        d_state: int,
+        d_conv: int,
+        expand: int,
+        head_dim: int,
+        chunk_size: int,
+        norm_eps: float,
+        time_dropout: float,
+        is_time: bool,
+        p2p_residual: bool,
+        conv_activation: ConvActivation,
+        ssd_backend: SSDBackend,
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.nheads = self.d_inner // head_dim
+        self.head_dim, self.d_state = head_dim, d_state
+        self.chunk_size, self.ssd_backend = chunk_size, ssd_backend
+        self.is_time = is_time
+        h, n, length = self.nheads, d_state, max_seq_len
+        conv_dim = self.d_inner + 2 * n
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * n + h)  # -> z, xBC, dt
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1)
+        self.act = _ACTIVATIONS[conv_activation]()
+        if is_time:
+            self.conv1d4time_1 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
+            self.conv1d4time_2 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
+            self.time_act = nn.Hardswish()
+            self.mlp4time_scale = nn.Sequential(
+                nn.Dropout(time_dropout), nn.Linear(length, length), nn.SiLU(), nn.Linear(length, length)
+            )
+            gate_out = length if p2p_residual else 1
+            self.time_gate_residual = nn.Sequential(nn.Dropout(time_dropout), nn.Linear(length, gate_out), nn.Sigmoid())
+            self.time_layer_norm = nn.LayerNorm(length, eps=norm_eps)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(h))  # softplus(dt_bias) ~ logU[1e-3, 0.1]
+        self.A_log = nn.Parameter(torch.empty(h).uniform_(1, 16).log())  # A = -exp(A_log) in [-16, -1]
+        self.D = nn.Parameter(torch.ones(h))
+        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model)
+
+    def forward(self, u: Tensor, tau: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Mix the sequence.
+
+        Args:
+            u: input, (B, L, d).
+            tau: time state, (B, H, L); None without the time path.
+            index: optional (B,) positions; when given, only those outputs are produced, (B, d), and the next
+                time state is skipped (the last layer needs neither).
+
+        Returns:
+            out (B, L, d) or (B, d), and the next time state (B, H, L) or None.
+        """
+        b, length, _ = u.shape
+        h, p, n = self.nheads, self.head_dim, self.d_state
+        # 1. Project and split.
+        zxbcdt = self.in_proj(u)  # (B, L, 2 D_in + 2N + H)
+        z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * n, h], dim=-1)
+        # 2. Causal depthwise conv + activation, then split into x, B, C (one group).
+        xbc = self.act(causal_conv_channels_last(xbc, self.conv1d))  # (B, L, D_in + 2N)
+        x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
+        # 3. Time-aware step sizes.
+        q = None
+        if self.is_time:
+            q = self._time_scale(tau)  # (B, H, L)
+            dt = dt * q.transpose(1, 2)  # (B, L, H)
+        # 4. SSD: delta = softplus(dt + dt_bias), S_t = exp(delta A) S_(t-1) + delta x B^T, y = S C + D x.
+        y = ssd_scan(
+            x.reshape(b, length, h, p),  # (B, L, H, P)
+            dt,
+            -torch.exp(self.A_log),  # (H,)
+            bmat.unsqueeze(2),  # (B, L, 1, N)
+            cmat.unsqueeze(2),  # (B, L, 1, N)
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            chunk_size=self.chunk_size,
+            backend=self.ssd_backend,
+        ).reshape(b, length, self.d_inner)  # (B, L, D_in)
+        if index is not None:  # everything below is position-wise
+            rows = torch.arange(b, device=u.device)
+            y, z = y[rows, index], z[rows, index]  # (B, D_in)
+        # 5-6. Gate, RMSNorm over the whole D_in, project out.
+        out = self.out_proj(self.norm(y, z))  # (B, L, d) or (B, d)
+        # 7. Next time state.
+        tau_next = None
+        if self.is_time and index is None:
+            gate = self.time_gate_residual(tau)  # (B, H, 1) or (B, H, L)
+            tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
+        return out, tau_next
+
+    def _time_scale(self, tau: Tensor) -> Tensor:
+        """SPEC §3 TiSSD step 3: q = act(conv_t2(act(conv_t1(tau * MLP_L(tau))))), all (B, H, L)."""
+        q = tau * self.mlp4time_scale(tau)  # (B, H, L); the MLP mixes positions
+        q = self.time_act(causal_conv_channels_first(q, self.conv1d4time_1))  # (B, H, L)
+        return self.time_act(causal_conv_channels_first(q, self.conv1d4time_2))  # (B, H, L)
+
+
+class TiM4RecLayer(nn.Module):
+    """One encoder layer: TiSSD, dropout + residual + LayerNorm, then the optional FFN."""
+
+    def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool, **ssd_kwargs):
+        super().__init__()
+        self.ssd = TiSSD(d_model=d_model, norm_eps=norm_eps, **ssd_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.residual = residual  # the reference drops `+ E` when there is a single layer
+        self.ffn = FeedForward(d_model, 4 * d_model, dropout, _FFN_EPS, nn.Hardswish()) if is_ffn else None
+
+    def forward(self, h: Tensor, tau: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        out, tau = self.ssd(h, tau, index)  # (B, L, d) or (B, d)
+        out = self.dropout(out)
+        if self.residual:
+            out = out + (h if index is None else h[torch.arange(h.shape[0], device=h.device), index])
+        out = self.layer_norm(out)
+        if self.ffn is not None:
+            out = self.ffn(out)
+        return out, tau
+
+
+class TiM4Rec(nn.Module):
+    """TiM4Rec sequence encoder with a tied item-embedding output layer (SPEC §3)."""
+
+    def __init__(
+        self,
+        num_items: int,
+        max_seq_len: int = 50,
+        d_model: int = 64,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        time_dropout: float = 0.2,
+        d_state: int = 32,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 32,
+        chunk_size: int = 32,
+        norm_eps: float = 1e-12,
+        is_time: bool = True,
+        is_ffn: bool = True,
+        p2p_residual: bool = False,
+        kaiming_init: bool = True,
+        conv_activation: ConvActivation = "hardswish",
+        ssd_backend: SSDBackend = "auto",
+    ) -> None:
+        """Build TiM4Rec.
+
+        Args:
+            num_items: Catalogue size including the padding item 0 (filled in from the data).
+            max_seq_len: History length L; the time path's Linear(L -> L) and LayerNorm(L) are tied to it.
+            d_model: Hidden size d (reference `hidden_size`).
+            num_layers: Number of TiSSD layers.
+            dropout: Dropout on embeddings, time gaps, layer outputs and the FFN (reference `dropout_prob`).
+            time_dropout: Dropout inside the time path's MLP and gate (reference `time_drop_out`).
+            d_state: SSD state size N.
+            d_conv: Kernel size of the causal depthwise convolutions.
+            expand: Inner width factor: d_inner = expand * d_model.
+            head_dim: SSD head width P; heads H = d_inner / head_dim.
+            chunk_size: SSD chunk length; changes the cost, never the result.
+            norm_eps: Epsilon of the embedding, layer and time LayerNorms and of the RMSNorm (the FFN uses 1e-12).
+            is_time: Use the time-aware path; False gives the time-less SSD4Rec* ablation.
+            is_ffn: Add the position-wise feed-forward block to each layer.
+            p2p_residual: Time gate Linear(L -> L) (position-to-position) instead of Linear(L -> 1).
+            kaiming_init: Kaiming-normal (fan_out, relu) Conv1d weights; False keeps PyTorch's default.
+            conv_activation: Activation after the xBC convolution: "hardswish" (every published setting) or "silu".
+            ssd_backend: SSD implementation: "auto" (Triton on CUDA when mamba-ssm imports), "torch" or "triton".
+        """
+        super().__init__()
+        _validate(locals())
+        self.num_items, self.max_seq_len, self.d_model = num_items, max_seq_len, d_model
+        self.is_time = is_time
+        self.nheads = expand * d_model // head_dim
+
+        self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        self.in_layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
+        if is_time:
+            self.layer_norm_time = nn.LayerNorm(max_seq_len, eps=norm_eps)
+        ssd_kwargs = dict(
+            max_seq_len=max_seq_len,
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+            head_dim=head_dim,
+            chunk_size=chunk_size,
+            time_dropout=time_dropout,
+            is_time=is_time,
+            p2p_residual=p2p_residual,
+            conv_activation=conv_activation,
+            ssd_backend=ssd_backend,
+        )
+        self.ssd_layers = nn.ModuleList(
+            TiM4RecLayer(d_model, dropout, norm_eps, residual=num_layers > 1, is_ffn=is_ffn, **ssd_kwargs)
+            for _ in range(num_layers)
+        )
+        # The blanket pass leaves dt_bias, A_log, D and the RMSNorm weights (set in TiSSD) alone.
+        self.apply(partial(init_recsys_weights, std=0.02, kaiming_conv=kaiming_init))
+
+    def _embed(self, item_seq: Tensor, timestamps: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Encoder steps 1-2: item embeddings (B, L, d) and the initial time state (B, H, L) or None."""
+        if item_seq.dim() != 2 or timestamps.shape != item_seq.shape:
+            raise ValueError(f"item_seq {tuple(item_seq.shape)} and timestamps must both be (B, L)")
+        if self.is_time and item_seq.shape[1] != self.max_seq_len:
+            raise UserError(
+                f"TiM4Rec was built with max_seq_len={self.max_seq_len} but got sequences of length "
+                f"{item_seq.shape[1]}: the time path is tied to L, so set the data's and the model's max_seq_len equal"
+            )
+        h = self.in_layer_norm(self.dropout(self.item_embedding(item_seq)))  # (B, L, d)
+        if not self.is_time:
+            return h, None
+        t = timestamps.to(h.dtype)
+        gaps = torch.diff(t, dim=1, prepend=t[:, :1])  # (B, L): [0, t1 - t0, ...], padding included
+        tau = self.layer_norm_time(self.dropout(gaps))  # (B, L), normalised over the sequence axis
+        return h, tau.unsqueeze(1).expand(-1, self.nheads, -1)  # (B, H, L)
+
+    def encode(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
+        """Hidden states at every position, (B, L, d). `item_seq_len` is unused (kept for a uniform API)."""
+        h, tau = self._embed(item_seq, timestamps)
+        for layer in self.ssd_layers:
+            h, tau = layer(h, tau)  # (B, L, d), (B, H, L)
+        return h
+
+    def forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
+        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d)."""
+        h, tau = self._embed(item_seq, timestamps)
+        for layer in self.ssd_layers[:-1]:
+            h, tau = layer(h, tau)  # (B, L, d), (B, H, L)
+        # The last layer's position-wise part runs on the gathered positions only.
+        h, _ = self.ssd_layers[-1](h, tau, index=item_seq_len - 1)  # (B, d)
+        return h
+
+    def score_all(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
+        """Scores of every item, padding item 0 included, (B, num_items)."""
+        return self.forward(item_seq, item_seq_len, timestamps) @ self.item_embedding.weight.T
+
+
+def _validate(args: dict) -> None:
+    """Raise a one-line UserError for hyperparameters the network cannot be built with."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(f"TiM4Rec: {message}")
+
+    for name in ("num_items", "max_seq_len", "d_model", "num_layers", "d_state", "d_conv", "expand", "head_dim"):
+        need(isinstance(args[name], int) and args[name] >= 1, f"{name} must be a positive integer, got {args[name]!r}")
+    need(args["num_items"] >= 2, f"num_items must count the padding item 0 and >= 1 real item, got {args['num_items']}")
+    need(isinstance(args["chunk_size"], int) and args["chunk_size"] >= 1, "chunk_size must be a positive integer")
+    for name in ("dropout", "time_dropout"):
+        need(0.0 <= args[name] < 1.0, f"{name} must be in [0, 1), got {args[name]!r}")
+    need(args["norm_eps"] > 0, f"norm_eps must be > 0, got {args['norm_eps']!r}")
+    d_inner = args["expand"] * args["d_model"]
+    need(
+        d_inner % args["head_dim"] == 0,
+        f"d_inner = expand * d_model = {d_inner} is not divisible by head_dim={args['head_dim']}: "
+        "pick a head_dim that divides it",
+    )
+    need(
+        args["conv_activation"] in _ACTIVATIONS,
+        f"unknown conv_activation {args['conv_activation']!r}: use one of {', '.join(_ACTIVATIONS)}",
+    )
+    need(
+        args["ssd_backend"] in ("auto", "torch", "triton"),
+        f"unknown ssd_backend {args['ssd_backend']!r}: use auto, torch or triton",
+    )
