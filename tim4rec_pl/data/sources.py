@@ -95,6 +95,10 @@ def read_interactions(
         raise UserError(f"{path}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
     if time_unit not in TIME_UNITS:
         raise UserError(f"{path}: unknown time_unit {time_unit!r}; use one of {', '.join(TIME_UNITS)}")
+    if separator is not None:
+        separator = {"\\t": "\t", "tab": "\t"}.get(separator, separator)
+        if len(separator.encode()) != 1:
+            raise UserError(f"{path}: separator {separator!r} must be one character (such as , ; | or a tab)")
     fmt = detect_format(path) if format == "auto" else format
     try:
         if fmt == "parquet":
