@@ -27,11 +27,11 @@ FORMATS = ("auto", "atomic", "ml-1m", "ml-100k", "amazon", "kuairand", "csv", "t
 TIME_UNITS = ("auto", "s", "ms", "iso")
 MS_THRESHOLD = 1e11  # an epoch in seconds above this is past the year 5000: such numbers are milliseconds
 
-# format -> (separator, has_header, default user/item/time columns, default time unit)
-_LAYOUTS: dict[str, tuple[str, bool, tuple[str, str, str], str]] = {
+# format -> (separator, has_header, default user/item/time columns (names, or positions without header), time unit)
+_LAYOUTS: dict[str, tuple[str, bool, tuple[str | int, str | int, str | int], str]] = {
     "atomic": ("\t", True, ("user_id", "item_id", "timestamp"), "s"),
-    "ml-100k": ("\t", False, ("column_1", "column_2", "column_4"), "s"),
-    "amazon": (",", False, ("column_1", "column_2", "column_4"), "s"),
+    "ml-100k": ("\t", False, (0, 1, 3), "s"),
+    "amazon": (",", False, (0, 1, 3), "s"),
     "kuairand": (",", True, ("user_id", "video_id", "time_ms"), "ms"),
     "csv": (",", True, ("user_id", "item_id", "timestamp"), "auto"),
     "tsv": ("\t", True, ("user_id", "item_id", "timestamp"), "auto"),
@@ -113,7 +113,7 @@ def read_interactions(
             if fmt == "atomic":  # typed header: name:token, name:float, ...
                 lf = lf.rename({n: n.split(":", 1)[0] for n in names})
                 names = [n.split(":", 1)[0] for n in names]
-            fields = (user_field or defaults[0], item_field or defaults[1], time_field or defaults[2])
+            fields = tuple(f or _nth(names, d) for f, d in zip((user_field, item_field, time_field), defaults))
         _check_columns(path, names, fields, separator)
         frame = lf.select(
             _token(fields[0]).alias("user"),
@@ -138,6 +138,10 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _nth(names: list[str], column: str | int) -> str:
+    return column if isinstance(column, str) else names[column] if column < len(names) else f"column {column + 1}"
 
 
 def _token(name: str) -> pl.Expr:
@@ -165,7 +169,7 @@ def _scan_ml1m(path: Path) -> tuple[pl.LazyFrame, list[str], tuple[str, str, str
     lf, names = _scan_text(path, ":", header=False, quoting=False)
     if len(names) != 7:
         raise UserError(f"{path}: not a MovieLens-1M ratings.dat (lines must be user::item::rating::timestamp)")
-    return lf, names, ("column_1", "column_3", "column_7"), "s"
+    return lf, names, (names[0], names[2], names[6]), "s"
 
 
 def _check_columns(path: Path, names: list[str], fields: tuple[str, str, str], separator: str | None) -> None:
@@ -198,8 +202,7 @@ def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
         if unit == "iso" or (unit == "auto" and raw.dtype == pl.String and numbers.null_count() == len(raw)):
             if raw.dtype != pl.String:
                 raise UserError(f"{path}: column {name!r} is numeric, not ISO datetimes; set time_unit to s or ms")
-            parsed = raw.str.to_datetime(time_unit="us", strict=False, time_zone="UTC")
-            secs, unit = parsed.dt.epoch("us").cast(pl.Float64) / 1e6, "iso"
+            secs, unit = _parse_iso(raw).dt.epoch("us").cast(pl.Float64) / 1e6, "iso"
         else:
             secs = numbers
         bad_parse = secs.null_count() - nulls
@@ -218,6 +221,17 @@ def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
     if unit == "ms" or (unit == "auto" and len(secs) and secs.max() > MS_THRESHOLD):
         secs = secs / 1000.0
     return secs
+
+
+_ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%d")  # fmt: skip
+
+
+def _parse_iso(raw: pl.Series) -> pl.Series:
+    """ISO 8601 strings to UTC datetimes (naive ones are taken as UTC); one column may mix the forms."""
+    attempts = [None, *_ISO_FORMATS]  # None: the format polars infers from the first value
+    parsed = [pl.lit(raw).str.to_datetime(format=f, time_unit="us", strict=False, time_zone="UTC") for f in attempts]
+    return pl.select(pl.coalesce(parsed)).to_series()
 
 
 def _null_ids(path: Path, frame: pl.DataFrame, fields: tuple[str, str, str], drop: bool) -> tuple[pl.DataFrame, int]:
