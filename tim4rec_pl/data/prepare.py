@@ -144,7 +144,7 @@ def load_or_prepare(
     }
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     folder = data_dir / name
-    created = not folder.exists()
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with _file_lock(folder / ".lock"):
@@ -160,7 +160,8 @@ def load_or_prepare(
         if created:  # leave nothing behind (a fetched, verified source file stays)
             with contextlib.suppress(OSError):
                 (folder / ".lock").unlink()
-                folder.rmdir()
+                for directory in created:
+                    directory.rmdir()
         raise
 
 
