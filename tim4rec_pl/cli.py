@@ -1,0 +1,114 @@
+"""The ``tim4rec-pl`` command: LightningCLI (fit / validate / test / predict) plus ``tim4rec-pl data ...``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tim4rec_pl.data.module import SeqRecDataModule
+from tim4rec_pl.errors import UserError
+from tim4rec_pl.module import SeqRecModule
+from tim4rec_pl.tracking import LogConfigCallback
+
+DESCRIPTION = (
+    "Train, evaluate and serve TiM4Rec (time-aware SSD / Mamba-2 sequential recommender) and its baselines. "
+    "Start with: tim4rec-pl fit --config configs/ml-100k.yaml"
+)
+
+
+class TiM4RecCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The catalogue size and the window length belong to the data; the network gets them from there.
+        parser.link_arguments("data.num_items", "model.network.init_args.num_items", apply_on="instantiate")
+        parser.link_arguments("data.max_seq_len", "model.network.init_args.max_seq_len", apply_on="parse")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs:
+            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, subcommand)
+        return kwargs
+
+
+def _checkpoint_dirs(trainer: Any) -> list[Path]:
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> str | None:
+    """Turn ``best`` / ``last`` into a file when this process has not trained (a new ``test`` run), and check paths.
+
+    ``best`` is ``<checkpoint dirpath>/best.ckpt`` and ``last`` is ``<checkpoint dirpath>/last.ckpt``, the files the
+    shipped configs' ModelCheckpoint writes.
+    """
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("best", "last"):
+        if subcommand == "fit":
+            if ckpt_path == "last" and not any((d / "last.ckpt").is_file() for d in _checkpoint_dirs(trainer)):
+                raise UserError("--ckpt_path last: no last.ckpt to resume from in "
+                                f"{[str(d) for d in _checkpoint_dirs(trainer)] or 'any checkpoint folder'}; "
+                                "run fit without --ckpt_path to start a new run")
+            return ckpt_path
+        callback = trainer.checkpoint_callback
+        if ckpt_path == "best" and callback is not None and getattr(callback, "best_model_path", ""):
+            return ckpt_path
+        for folder in _checkpoint_dirs(trainer):
+            candidate = folder / f"{ckpt_path}.ckpt"
+            if candidate.is_file():
+                return str(candidate)
+        dirs = [str(d) for d in _checkpoint_dirs(trainer)]
+        raise UserError(f"--ckpt_path {ckpt_path}: no {ckpt_path}.ckpt in {dirs or 'any checkpoint folder'}; "
+                        "train first with `tim4rec-pl fit --config ...` or pass the checkpoint's file path")
+    if "://" not in ckpt_path and not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file; pass an existing .ckpt, or best / last")
+    return ckpt_path
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("tim4rec_pl")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
+    """Build and run the Lightning CLI (also used by tests, which pass ``args``)."""
+    _configure_logging()
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    return TiM4RecCLI(
+        SeqRecModule,
+        SeqRecDataModule,
+        save_config_callback=LogConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION, "default_env": False},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] == "data":
+            from tim4rec_pl.data.cli import main as data_main
+
+            sys.exit(data_main(args[1:]))
+        run_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except UserError as err:
+        print(f"tim4rec-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("tim4rec-pl: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The LightningModule: softmax cross-entropy over the whole catalogue, Adam, exact full-ranking evaluation.
+
+It joins a plain network from ``tim4rec_pl.model`` (TiM4Rec, SASRec, ...) with Lightning. A network must offer
+``forward(item_seq, item_seq_len, timestamps) -> (B, d)``, ``encode(...) -> (B, L, d)`` and a tied output
+embedding ``item_embedding`` whose row 0 is the padding item.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tim4rec_pl import __version__
+from tim4rec_pl.errors import UserError
+from tim4rec_pl.metrics import FullRankMetrics, full_ranks
+
+log = logging.getLogger("tim4rec_pl")
+
+
+class SeqRecModule(L.LightningModule):
+    def __init__(
+        self,
+        network: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        topk: list[int] | None = None,
+        eval_block_size: int = 65536,
+        init_from: str | None = None,
+        compile: bool = False,
+    ) -> None:
+        """Sequential recommender trained with full softmax cross-entropy.
+
+        Args:
+            network: The sequence encoder, e.g. ``tim4rec_pl.model.tim4rec.TiM4Rec`` or
+                ``tim4rec_pl.model.sasrec.SASRec``. ``num_items`` and ``max_seq_len`` are filled in from the data.
+            lr: Adam learning rate (SPEC: 1e-3; 5e-4 for Steam).
+            weight_decay: Adam weight decay (SPEC: 0).
+            topk: Cut-offs K for HR/NDCG/MRR@K in validation and test (default 10, 20, 50).
+            eval_block_size: Items scored at once in evaluation; bounds memory for very large catalogues.
+            init_from: Optional weights to start from: a checkpoint of the reference RecBole implementation
+                (``.pth``) or one of ours (``.ckpt``). Used to evaluate a reference-trained model on this pipeline.
+            compile: Compile the network with ``torch.compile`` before training.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["network"])
+        self.network = network
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.eval_block_size = eval_block_size
+        ks = list(topk) if topk is not None else [10, 20, 50]
+        self.val_metrics = FullRankMetrics(ks)
+        self.test_metrics = FullRankMetrics(ks)
+        if init_from:
+            from tim4rec_pl.interop import load_network_weights
+
+            load_network_weights(self.network, init_from)
+        self._compiled = False
+        self._compile = compile
+        self.data_info: dict = {}  # data statistics and manifest checksum, recorded in checkpoints
+
+    # ----------------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "manifest"):
+            manifest = dm.manifest
+            self.data_info = {"checksum": manifest.get("checksum"), "stats": manifest.get("stats", {})}
+        if self._compile and not self._compiled and stage == "fit":
+            self.network = torch.compile(self.network)
+            self._compiled = True
+
+    def _batch_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return batch["item_seq"], batch["item_seq_len"], batch["timestamps"]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        weight = self.network.item_embedding.weight  # (num_items, d), tied output layer
+        if "targets" in batch:  # all-positions mode: the next item at every position of the window
+            hidden = self.network.encode(*self._batch_inputs(batch))  # (B, L, d)
+            targets = batch["targets"]  # (B, L), 0 = no target
+            mask = targets > 0
+            logits = hidden[mask] @ weight.T  # (T, num_items)
+            loss = F.cross_entropy(logits, targets[mask])
+            n = int(mask.sum())
+        else:
+            logits = self.network(*self._batch_inputs(batch)) @ weight.T  # (B, num_items), item 0 included
+            loss = F.cross_entropy(logits, batch["target"])
+            n = batch["target"].shape[0]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "stopping instead of training on NaNs: lower model.lr, or check the data's timestamps"
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_train_epoch_start(self) -> None:
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        if opt is not None and not isinstance(opt, list):
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    def _ranks(self, batch: dict[str, Tensor]) -> Tensor:
+        user_repr = self.network(*self._batch_inputs(batch))  # (B, d)
+        return full_ranks(user_repr, self.network.item_embedding.weight, batch["target"], self.eval_block_size)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(self._ranks(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in values.items():  # identical on every rank: the metric states are already reduced
+            self.log(f"val/{name}", value.float(), prog_bar=name == "ndcg@10")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.test_metrics.update(self._ranks(batch))
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tim4rec_pl"] = {"version": __version__, "data": self.data_info}
+        if self._compiled:  # store plain parameter names, loadable without torch.compile
+            checkpoint["state_dict"] = {k.replace("network._orig_mod.", "network."): v
+                                        for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._compiled:
+            checkpoint["state_dict"] = {k.replace("network.", "network._orig_mod.", 1): v
+                                        for k, v in checkpoint["state_dict"].items()}
+        ours = checkpoint.get("state_dict", {})
+        mine = self.state_dict()
+        for key, value in ours.items():
+            if key in mine and mine[key].shape != value.shape:
+                saved = checkpoint.get("tim4rec_pl", {}).get("data", {}).get("checksum")
+                raise UserError(
+                    f"checkpoint does not fit this config: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{tuple(mine[key].shape)} here (data checksum in checkpoint: {saved}); use the config and data "
+                    "the checkpoint was trained with"
+                )
+
