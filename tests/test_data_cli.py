@@ -40,7 +40,9 @@ def test_stats_table_and_prepare(tmp_path, capsys):
     code, out, _ = run(capsys, ["stats", "--path", KCORE, *K3, "--data_dir", str(tmp_path)])
     assert code == 0
     table = dict(line.split("  ", 1) for line in out.splitlines())
-    assert table["users"].strip() == "4" and table["zero gaps (same-user, 0 s)"].strip() == "12.5%"
+    assert (
+        table["users"].strip() == "4" and table["same-second neighbours / zero float32 gaps"].strip() == "12.5% / 50.0%"
+    )
     assert table["cache"].strip() == cache
 
 

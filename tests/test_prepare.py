@@ -62,7 +62,8 @@ def test_protocol_on_the_hand_made_fixture(tmp_path):
     assert (s["users"], s["items"], s["interactions"]) == (4, 3, 12)
     assert (s["min_seq_len"], s["median_seq_len"], s["max_seq_len"], s["avg_seq_len"]) == (3, 3.0, 3, 3.0)
     assert s["density"] == 1.0 and s["time_span_days"] == pytest.approx(2190 / 86400)
-    assert s["zero_gap_share"] == 1 / 8  # gaps within users: 200,-100 | -40,190 | 100,100 | 200,0
+    assert s["zero_gap_share"] == 1 / 8  # exact seconds in time order: 100,100 | 40,150 | 100,100 | 200,0
+    assert s["zero_gap_share_float32"] == 4 / 8  # float32 in protocol order: 128,0 | 0,256 | 128,0 | 128,0
     assert s["train_samples"] == 0  # n - 3 per user
     pipe = data.manifest["pipeline"]
     assert pipe["rows_read"] == 17 and pipe["kcore_removed"] == 5 and pipe["duplicates_dropped"] == 0

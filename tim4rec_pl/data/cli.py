@@ -131,7 +131,8 @@ def format_table(report: dict) -> str:
         ("sequence length min / median / avg / max",
          f"{s['min_seq_len']} / {s['median_seq_len']:g} / {s['avg_seq_len']:.1f} / {s['max_seq_len']}"),
         ("time span", f"{s['time_span_days']:,.1f} days"),
-        ("zero gaps (same-user, 0 s)", f"{s['zero_gap_share']:.1%}"),
+        ("same-second neighbours / zero float32 gaps",
+         f"{s['zero_gap_share']:.1%} / {s['zero_gap_share_float32']:.1%}"),
         ("training samples (SPEC §2.7)", f"{s['train_samples']:,}"),
         ("rows read / k-core removed", f"{s['pipeline']['rows_read']:,} / {s['pipeline']['kcore_removed']:,}"),
     ]  # fmt: skip

@@ -239,13 +239,18 @@ def to_prepared(frame: pl.DataFrame) -> PreparedData:
 
 
 def compute_stats(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_items: int) -> dict:
-    """Summary statistics. ``items`` excludes the padding id; ``train_samples`` follows SPEC §2.6-2.7."""
+    """Summary statistics. ``items`` excludes the padding id; ``train_samples`` follows SPEC §2.6-2.7.
+
+    ``zero_gap_share``: share of a user's consecutive interactions (in exact time order) in the same second.
+    ``zero_gap_share_float32``: share of zero gaps the model sees (float32 seconds, protocol order).
+    """
     lengths = np.diff(offsets)
     users, n = len(lengths), int(offsets[-1])
-    gaps = np.diff(timestamps)
-    same_user = np.ones(len(gaps), dtype=bool)
+    same_user = np.ones(max(n - 1, 0), dtype=bool)
     same_user[offsets[1:-1] - 1] = False  # the gap across a user boundary is not a gap
-    user_gaps = gaps[same_user]
+    in_time_order = timestamps[np.lexsort((timestamps, np.repeat(np.arange(users), lengths)))]
+    exact_gaps = np.diff(in_time_order)[same_user]
+    model_gaps = np.diff(timestamps.astype(np.float32))[same_user]
     return {
         "users": users,
         "items": num_items - 1,
@@ -256,7 +261,8 @@ def compute_stats(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray
         "max_seq_len": int(lengths.max()),
         "density": n / (users * (num_items - 1)),
         "time_span_days": float(timestamps.max() - timestamps.min()) / 86400.0,
-        "zero_gap_share": float((user_gaps == 0).mean()) if len(user_gaps) else 0.0,
+        "zero_gap_share": float((exact_gaps == 0).mean()) if len(exact_gaps) else 0.0,
+        "zero_gap_share_float32": float((model_gaps == 0).mean()) if len(model_gaps) else 0.0,
         "train_samples": int(np.maximum(lengths - 3, 0).sum()),
     }
 
