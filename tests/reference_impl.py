@@ -107,8 +107,9 @@ def _softplus(v: float) -> float:
     return v if v > 30.0 else math.log1p(math.exp(v))
 
 
-def _linear(v: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    return v @ w.T + b
+def _linear(v: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
+    """v (..., in) -> (..., out): out[o] = b[o] + sum_i w[o, i] v[i], as a plain broadcast sum (no BLAS)."""
+    return (v[..., None, :] * w).sum(-1) + b
 
 
 def _causal_conv(seq: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -227,4 +228,4 @@ def full_sort_predict(
     """Scores of every item (padding included) from the output at item_seq_len - 1, (B, n_items), float64."""
     hidden = reference_encode(state_dict, item_seq, timestamps, norm_eps=norm_eps, conv_activation=conv_activation)
     rows = [hidden[b, int(item_seq_len[b]) - 1] for b in range(hidden.shape[0])]
-    return torch.stack(rows) @ state_dict["item_embedding.weight"].to(F64).T
+    return _linear(torch.stack(rows), state_dict["item_embedding.weight"].to(F64), 0.0)
