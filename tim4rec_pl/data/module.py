@@ -278,6 +278,9 @@ class SeqRecDataModule(lightning.LightningDataModule):
         self._datasets: dict[str, SeqRecDataset] = {}
         self._seed: int | None = None
         self._stats_logged = False
+        # What `predict_dataloader` serves; tim4rec_pl.predict.PredictionWriter sets them from --predict.*.
+        self.predict_split: Literal["next", "test"] = "next"
+        self.predict_users: list[int] | None = None  # dense user ids, in output order (None: every user)
 
     @classmethod
     def from_prepared(cls, prepared: PreparedData, **kwargs: Any) -> SeqRecDataModule:
@@ -374,7 +377,7 @@ class SeqRecDataModule(lightning.LightningDataModule):
         return self.eval_dataloader(self.eval_dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self.eval_dataloader(self.eval_dataset("next"))
+        return self.eval_dataloader(self.eval_dataset(self.predict_split, self.predict_users))
 
     # -- building blocks for the lead's predict modes ----------------------------------------------------------
 
