@@ -266,3 +266,15 @@ def test_concurrent_processes_prepare_once(tmp_path):
     assert len(lines) == 1 and lines.pop().endswith(" True")
     assert counter.read_text() == "prepared\n"
     assert sorted(p.name for p in (data_dir / "kcore").iterdir() if not p.name.startswith("prepared-")) == [".lock"]
+
+
+def test_a_path_names_its_cache_and_a_registry_file_keeps_its_options(tmp_path):
+    # the DataModule always passes its `dataset` (default ml-100k): with a path, the file's stem names the cache
+    data = load_or_prepare(SourceConfig(dataset="ml-100k", path=str(KCORE)), K3, tmp_path, progress=False)
+    assert Path(data.manifest["cache_dir"]).parent == tmp_path / "kcore"
+    # a local copy of the registry's Steam file reads its item column (product_id) without being told
+    steam = tmp_path / "copy" / "steam.inter"
+    steam.parent.mkdir()
+    steam.write_text(KCORE.read_text().replace("item_id:token", "product_id:token", 1))
+    data = load_or_prepare(SourceConfig(dataset="steam", path=str(steam)), K3, tmp_path, progress=False)
+    assert data.items.tolist() == EXPECTED_ITEMS_F32 and Path(data.manifest["cache_dir"]).parent.name == "steam"

