@@ -302,7 +302,12 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
         return
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as e:  # some network file systems refuse locks
+            warnings.warn(f"{path}: cannot lock ({e.strerror}); prepare the data before starting DDP", stacklevel=3)
+            yield
+            return
         try:
             yield
         finally:
