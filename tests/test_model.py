@@ -318,11 +318,12 @@ def test_sasrec_overfits_a_tiny_batch():
     assert all(g is not None and g > 0 for g in grads.values())
 
 
-def test_causal_conv_gradients():
+@pytest.mark.parametrize("length,k", [(5, 3), (2, 4), (7, 1)])
+def test_causal_conv_matches_conv1d_and_gradients(length, k):
     torch.manual_seed(0)
-    conv = nn.Conv1d(6, 6, 3, groups=6).double()
-    x = torch.randn(2, 5, 9, dtype=torch.float64)[..., 2:8].requires_grad_()  # a strided slice, as in TiSSD
-    ref = F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), conv.weight, conv.bias, groups=6).transpose(1, 2)
+    conv = nn.Conv1d(6, 6, k, groups=6).double()
+    x = torch.randn(2, length, 9, dtype=torch.float64)[..., 2:8].requires_grad_()  # a strided slice, as in TiSSD
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), conv.weight, conv.bias, groups=6).transpose(1, 2)
     assert torch.allclose(causal_conv_channels_last(x, conv), ref)
     assert torch.autograd.gradcheck(lambda a, w, b: causal_conv_channels_last(a, conv), (x, conv.weight, conv.bias))
 
