@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from tim4rec_pl.data.module import SeqRecDataModule
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.module import SeqRecModule
+from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.tracking import LogConfigCallback
 
 DESCRIPTION = (
@@ -27,6 +28,10 @@ class TiM4RecCLI(LightningCLI):
         # The catalogue size and the window length belong to the data; the network gets them from there.
         parser.link_arguments("data.num_items", "model.network.init_args.num_items", apply_on="instantiate")
         parser.link_arguments("data.max_seq_len", "model.network.init_args.max_seq_len", apply_on="parse")
+        # --predictions.top_k, --predictions.output, ...: the top-K writer of `tim4rec-pl predict`, inert in the other
+        # commands but registered in all so that one config with a predictions: section serves every command.
+        # (Not "predict": jsonargparse already names the group of trainer.predict's own arguments so.)
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -68,6 +68,8 @@ class SeqRecModule(L.LightningModule):
         if dm is not None and hasattr(dm, "manifest"):
             manifest = dm.manifest
             self.data_info = {"checksum": manifest.get("checksum"), "stats": manifest.get("stats", {})}
+        if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
+            self._freeze_unreachable_parameters()
         if self._compile and not self._compiled and stage == "fit":
             self.network = torch.compile(self.network)
             self._compiled = True
@@ -116,7 +118,8 @@ class SeqRecModule(L.LightningModule):
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         for name, value in values.items():  # identical on every rank: the metric states are already reduced
-            self.log(f"val/{name}", value.float(), prog_bar=name == "ndcg@10")
+            # sync_dist with max: an exact no-op on equal values, and Lightning stops warning about unsynced logs.
+            self.log(f"val/{name}", value.float(), prog_bar=name == "ndcg@10", sync_dist=True, reduce_fx="max")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.test_metrics.update(self._ranks(batch))
@@ -124,7 +127,49 @@ class SeqRecModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_metrics.reset()
-        self.log_dict({f"test/{name}": value.float() for name, value in values.items()})
+        self.log_dict({f"test/{name}": value.float() for name, value in values.items()},
+                      sync_dist=True, reduce_fx="max")  # exact on equal values (see on_validation_epoch_end)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """(B, d) sequence representations; ``tim4rec_pl.predict.PredictionWriter`` turns them into top-K items."""
+        return self.network(*self._batch_inputs(batch))
+
+    # ------------------------------------------------------------------------------------------------ DDP
+    def _freeze_unreachable_parameters(self) -> None:
+        """Stop asking for gradients of parameters that can never reach the loss, so that plain DDP works.
+
+        TiM4Rec's last layer computes a next time state that nothing reads (its parameters exist so that reference
+        checkpoints load), and DDP refuses parameters without a gradient. Training on one device leaves them at their
+        initial values too (Adam skips parameters without a gradient): freezing them changes no result. They are
+        found by one tiny forward of both output paths (``forward`` and ``encode``) in eval mode, RNG untouched.
+        """
+        net, params = self.network, [p for p in self.network.parameters() if p.requires_grad]
+        length, num_items = int(getattr(net, "max_seq_len", 8)), int(getattr(net, "num_items", 2))
+        device = params[0].device if params else torch.device("cpu")
+        gen = torch.Generator().manual_seed(0)
+        item_seq = torch.randint(1, max(num_items, 2), (2, length), generator=gen)  # (2, L)
+        item_seq_len = torch.tensor([length, 1])
+        item_seq[1, 1:] = 0
+        timestamps = (1e9 + 60.0 * torch.arange(length, dtype=torch.float32)).expand(2, -1).clone()  # (2, L)
+        timestamps[1, 1:] = 0
+        inputs = [t.to(device) for t in (item_seq, item_seq_len, timestamps)]
+        was_training = net.training
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                net.eval()
+                out = net(*inputs).sum()
+                if hasattr(net, "encode"):
+                    out = out + net.encode(*inputs).sum()
+                grads = torch.autograd.grad(out, params, allow_unused=True)
+        finally:
+            net.train(was_training)
+        names = {id(p): n for n, p in net.named_parameters()}
+        unused = [p for p, g in zip(params, grads) if g is None]
+        for p in unused:
+            p.requires_grad_(False)
+        if unused and self.trainer.global_rank == 0:
+            log.info(f"DDP: {len(unused)} parameter tensors never reach the loss and are frozen "
+                     f"({', '.join(names[id(p)] for p in unused[:4])}{', ...' if len(unused) > 4 else ''})")
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
