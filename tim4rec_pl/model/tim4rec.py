@@ -251,8 +251,8 @@ class TiM4Rec(nn.Module):
         h = self.in_layer_norm(self.dropout(self.item_embedding(item_seq)))  # (B, L, d)
         if not self.is_time:
             return h, None
-        t = timestamps.to(h.dtype)
-        gaps = torch.diff(t, dim=1, prepend=t[:, :1])  # (B, L): [0, t1 - t0, ...], padding included
+        t = timestamps.to(torch.promote_types(h.dtype, torch.float32))  # differences of Unix seconds need >= fp32
+        gaps = torch.diff(t, dim=1, prepend=t[:, :1]).to(h.dtype)  # (B, L): [0, t1 - t0, ...], padding included
         tau = self.layer_norm_time(self.dropout(gaps))  # (B, L), normalised over the sequence axis
         return h, tau.unsqueeze(1).expand(-1, self.nheads, -1)  # (B, H, L)
 
