@@ -156,15 +156,15 @@ def _torch_load(path: str) -> Any:
         raise UserError(f"checkpoint {path!r} does not exist or is not a file: check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # a pickled object outside torch's allow-list, or a damaged file
+    except Exception:  # a pickled object outside torch's allow-list, or a damaged file
         try:
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
-        except Exception as second:
-            reason = str(second).splitlines()[0] if str(second) else type(second).__name__
+        except Exception as err:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise UserError(
-                f"cannot read checkpoint {path!r} ({reason}; weights-only: {str(first).splitlines()[0][:120]}): "
+                f"cannot read checkpoint {path!r} ({reason}): "
                 "pass a .pth written by the reference code or a .ckpt written by tim4rec-pl"
-            ) from second
+            ) from err
 
 
 # ---------------------------------------------------------------------------------------------- reading
