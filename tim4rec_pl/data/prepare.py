@@ -272,7 +272,7 @@ def compute_stats(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray
 # --------------------------------------------------------------------------------------------------
 # Cache
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the prepared files or the manifest stats change
 PAD_TOKEN = "[PAD]"
 TIME_SORTS = ("float32", "exact")
 LARGE_FILE = 50 * 2**20  # show a progress bar when preparing a source file larger than this
