@@ -49,7 +49,8 @@ fi
 
 # srun starts --ntasks-per-node tasks on each node; Lightning reads SLURM_PROCID / SLURM_LOCALID / SLURM_NODELIST
 # to know its rank and the address of rank 0. The first process to need the data prepares it (a file lock keeps
-# the others waiting), so no separate `tim4rec-pl data prepare` step is required.
+# the others waiting). Registry datasets are downloaded on first use: if compute nodes are offline, run
+# `tim4rec-pl data prepare --config CONFIG.yaml` on the login node before submitting.
 srun tim4rec-pl fit \
   --config "$CONFIG" \
   --config configs/presets/ddp-multinode.yaml \
