@@ -278,7 +278,7 @@ class SeqRecDataModule(lightning.LightningDataModule):
         self._datasets: dict[str, SeqRecDataset] = {}
         self._seed: int | None = None
         self._stats_logged = False
-        # What `predict_dataloader` serves; tim4rec_pl.predict.PredictionWriter sets them from --predict.*.
+        # What `predict_dataloader` serves; tim4rec_pl.predict.PredictionWriter sets them from --predictions.*.
         self.predict_split: Literal["next", "test"] = "next"
         self.predict_users: list[int] | None = None  # dense user ids, in output order (None: every user)
 
