@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tim4rec_pl.data.module import SeqRecDataModule
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.module import SeqRecModule
 from tim4rec_pl.predict import PredictionWriter
-from tim4rec_pl.tracking import LogConfigCallback
+from tim4rec_pl.resilience import FaultTolerance, print_interrupt
+from tim4rec_pl.tracking import BestMetricsSummary, LogConfigCallback
 
 DESCRIPTION = (
     "Train, evaluate and serve TiM4Rec (time-aware SSD / Mamba-2 sequential recommender) and its baselines. "
@@ -37,6 +40,8 @@ class TiM4RecCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "ckpt_path" in kwargs:
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, subcommand)
+        if kwargs.get("weights_only", False) is None:  # our checkpoints hold tensors and plain data only
+            kwargs["weights_only"] = True
         return kwargs
 
 
@@ -94,6 +99,8 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
         SeqRecDataModule,
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
+        # always on, in every config: stop cleanly on SIGTERM/SIGINT; best validation values in the W&B summary
+        trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary()]},
         parser_kwargs={"description": DESCRIPTION, "default_env": False},
         args=args,
     )
@@ -109,6 +116,17 @@ def main(argv: list[str] | None = None) -> None:
         run_cli(argv)  # None: LightningCLI reads sys.argv itself
     except UserError as err:
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
+        sys.exit(print_interrupt(stop, args))
+    except FloatingPointError as err:  # a non-finite training loss (module.py names the step)
+        print(f"tim4rec-pl: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"tim4rec-pl: error: the checkpoint holds pickled Python objects that safe loading (weights_only=True) "
+              f"refuses ({reason}); use a checkpoint written by tim4rec-pl, or one you trust re-saved as tensors",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("tim4rec-pl: interrupted", file=sys.stderr)

@@ -173,7 +173,8 @@ class SeqRecModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tim4rec_pl"] = {"version": __version__, "data": self.data_info}
+        # merged: callbacks ran first and may have added to it (tracking.LogConfigCallback adds "config")
+        checkpoint.setdefault("tim4rec_pl", {}).update({"version": __version__, "data": self.data_info})
         if self._compiled:  # store plain parameter names, loadable without torch.compile
             checkpoint["state_dict"] = {k.replace("network._orig_mod.", "network."): v
                                         for k, v in checkpoint["state_dict"].items()}

@@ -1,14 +1,18 @@
-"""Experiment tracking: a W&B logger that goes offline by itself when no API key is configured, and a config
-callback that records the resolved config and the data statistics with every logger of the run."""
+"""Experiment tracking: a W&B logger that goes offline by itself when no API key is configured, a config callback
+that records the resolved config and the data statistics with every logger of the run (and the config in every
+checkpoint), and a callback that keeps the best validation values in the W&B run summary."""
 
 from __future__ import annotations
 
+import math
 import netrc
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -50,21 +54,38 @@ class WandbLogger(_LightningWandbLogger):
             save_dir: Folder under which W&B writes its ``wandb/`` run directories.
             project: W&B project.
             tags: Run tags.
-            log_model: Upload checkpoints as W&B artifacts: ``True`` (at the end of training: the best one),
-                ``"all"`` (every checkpoint), ``False`` (never).
+            log_model: Upload checkpoints as W&B artifacts: ``True`` (when training ends: the checkpoints the
+                ModelCheckpoint kept, e.g. best.ckpt with the alias ``best`` and last.ckpt), ``"all"`` (every
+                checkpoint as it is written), ``False`` (never). Not after an interrupted or failed run.
             offline: Force offline (``True``) or online (``False``); ``None`` decides from WANDB_MODE and the API key.
             **kwargs: Passed on to ``wandb.init`` (e.g. ``entity``, ``group``, ``notes``).
         """
         mode = os.environ.get("WANDB_MODE", "").strip().lower()
         if offline is None:
-            offline = mode in ("offline", "dryrun") or (mode not in ("online", "disabled") and not
-                                                         wandb_api_key_configured())
-        if offline and mode not in ("disabled",):
-            os.environ["WANDB_MODE"] = "offline"  # so that nothing in wandb tries the network
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+            offline = mode in ("offline", "dryrun") or (
+                mode not in ("online", "disabled") and not wandb_api_key_configured()
+            )
         self._announce_offline = bool(offline) and mode != "disabled"
-        super().__init__(name=name, save_dir=save_dir, project=project, tags=tags, log_model=log_model,
-                         offline=bool(offline), **kwargs)
+        if self._announce_offline:
+            os.environ["WANDB_MODE"] = "offline"  # so that nothing in wandb tries the network (DDP children too)
+            kwargs.setdefault("mode", "offline")
+            # wandb's own banner and footer would repeat the sync hint that finalize() prints once
+            os.environ.setdefault("WANDB_SILENT", "true")
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        # Lightning refuses log_model with offline=True, but W&B logs artifacts offline too (`wandb sync` uploads
+        # them, from the machine that staged them): the mode above keeps the run offline, the flag is set after.
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            tags=tags,
+            log_model=log_model,
+            offline=bool(offline) and not log_model,
+            **kwargs,
+        )
+        self._offline = bool(offline)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
@@ -75,11 +96,18 @@ class WandbLogger(_LightningWandbLogger):
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Writes ``config.yaml`` into the run folder and logs the same resolved config, the data statistics and the
-    data manifest checksum to every logger (W&B shows them as the run's config)."""
+    """Writes ``config.yaml`` into the run folder, logs the same resolved config (what ``--print_config`` prints),
+    the data statistics and the data manifest checksum to every logger (W&B shows them as the run's config), and
+    stores the config in every checkpoint as ``checkpoint["tim4rec_pl"]["config"]`` (plain dicts and lists)."""
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The subcommand's resolved config as plain data, exactly as written to ``config.yaml``."""
+        if not hasattr(self, "_resolved"):
+            self._resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        return self._resolved
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        params: dict[str, Any] = {"config": self.config.as_dict()}
+        params: dict[str, Any] = {"config": self.resolved_config()}
         dm = trainer.datamodule
         manifest = getattr(dm, "manifest", None) if dm is not None else None
         if isinstance(manifest, dict):
@@ -87,3 +115,67 @@ class LogConfigCallback(SaveConfigCallback):
             params["data_checksum"] = manifest.get("checksum")
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault("tim4rec_pl", {})["config"] = self.resolved_config()
+
+
+class BestMetricsSummary(Callback):
+    """Keeps the validation values of the best epoch and writes them into the W&B run summary.
+
+    "Best" follows the first ModelCheckpoint's ``monitor`` and ``mode`` (so the summary describes ``best.ckpt``), or
+    ``val/ndcg@10`` (max) without one. After every validation that improves on it, the summary gets
+    ``best/val/<metric>`` for every ``val/`` metric of that epoch, plus ``best/epoch`` and ``best/step``. Rank 0
+    only; the best values travel in checkpoints, so a resumed run's summary still covers the epochs before the
+    interruption.
+    """
+
+    def __init__(self, monitor: str | None = None, mode: str = "max") -> None:
+        """Best-epoch summary.
+
+        Args:
+            monitor: Metric that decides the best epoch (default: the checkpoint callback's, else val/ndcg@10).
+            mode: ``max`` or ``min`` (used with an explicit ``monitor``).
+        """
+        self.monitor, self.mode = monitor, mode
+        self.best: dict[str, float] = {}  # best/val/..., best/epoch, best/step
+
+    def _criterion(self, trainer: L.Trainer) -> tuple[str, str]:
+        if self.monitor is not None:
+            return self.monitor, self.mode
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            return callback.monitor, callback.mode
+        return "val/ndcg@10", "max"
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        monitor, mode = self._criterion(trainer)
+        metrics = trainer.callback_metrics
+        if monitor not in metrics:
+            return
+        value = float(metrics[monitor])
+        previous = self.best.get(f"best/{monitor}")
+        improved = previous is None or (value > previous if mode == "max" else value < previous)
+        if math.isnan(value) or not improved:
+            return
+        best = {f"best/{k}": float(v) for k, v in metrics.items() if k.startswith("val/")}
+        best.update({f"best/{monitor}": value, "best/epoch": trainer.current_epoch, "best/step": trainer.global_step})
+        self.best = best
+        self._write(trainer)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best and trainer.is_global_zero:  # resumed: the new W&B run starts with the summary so far
+            self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, _LightningWandbLogger):
+                logger.experiment.summary.update(self.best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best", {}))

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.resilience import ResumableDataLoader
 
 if TYPE_CHECKING:
     from tim4rec_pl.data.prepare import PreparedData
@@ -368,7 +369,8 @@ class SeqRecDataModule(lightning.LightningDataModule):
         if self._seed is None:
             self._seed = self._resolve_seed()
         self.train_sampler = TrainSampler(dataset, num_replicas=world, rank=rank, seed=self._seed)
-        return self._loader(dataset, self.train_sampler, self.hparams.batch_size)
+        # Stateful: Lightning checkpoints the position within the epoch and resumes the same order (resilience.py).
+        return self._loader(dataset, self.train_sampler, self.hparams.batch_size, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.eval_dataset("val"))
@@ -440,11 +442,14 @@ class SeqRecDataModule(lightning.LightningDataModule):
             self._datasets[split] = self._make_dataset(split)
         return self._datasets[split]
 
-    def _loader(self, dataset: SeqRecDataset, sampler: DistributedSampler, batch_size: int) -> DataLoader:
+    def _loader(
+        self, dataset: SeqRecDataset, sampler: DistributedSampler, batch_size: int, resumable: bool = False
+    ) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        loader_class, extra = (ResumableDataLoader, {"trainer": self.trainer}) if resumable else (DataLoader, {})
+        return loader_class(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch, num_workers=workers,
-            pin_memory=self.hparams.pin_memory, persistent_workers=workers > 0, drop_last=False,
+            pin_memory=self.hparams.pin_memory, persistent_workers=workers > 0, drop_last=False, **extra,
         )  # fmt: skip
 
     def _log_stats(self) -> None:

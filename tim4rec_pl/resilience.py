@@ -1,0 +1,295 @@
+"""Training that survives interruption: a signal stops ``fit`` at a batch boundary with an atomic checkpoint, and
+``fit --ckpt_path last`` continues exactly where it stopped (weights, optimiser, loops, callbacks, data order, RNG).
+
+Three pieces:
+
+* ``FaultTolerance`` (a callback the CLI always adds): SIGTERM and SIGINT only set a flag; the flag is acted on
+  after the running training batch (all ranks agree on the same batch under DDP), Lightning raises its
+  ``SIGTERMException`` there, and this callback writes ``<checkpoint dir>/last.ckpt`` through a temporary file and
+  ``os.replace``. The exception then carries the exit code ``128 + signal`` and the checkpoint path, which
+  ``describe_interrupt`` turns into the CLI's one-line message. The callback also stores the torch / CUDA / NumPy /
+  Python RNG states in every checkpoint and puts them back right before the first batch after a resume, so dropout
+  continues with the same masks.
+* ``ResumableDataLoader``: the training loader. Lightning saves its ``state_dict()`` in checkpoints and calls
+  ``load_state_dict()`` on resume; the state is the sampler's epoch and seed and the samples of the epoch's order
+  that the training loop has *finished* (read from the loop's batch progress, not from what the loader has handed
+  out: the loop fetches ahead), so the resumed epoch skips exactly those.
+* ``rng_state`` / ``set_rng_state``: the RNG states as plain tensors and lists, loadable with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
+
+from tim4rec_pl.errors import UserError
+
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+# ------------------------------------------------------------------------------------------------------ RNG states
+def rng_state() -> dict[str, Any]:
+    """The torch, CUDA (when initialised), NumPy and Python RNG states as tensors, lists and numbers only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": [int(version), list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned. CUDA states are restored when this process sees as many devices."""
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# --------------------------------------------------------------------------------------------- stateful loader
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader whose position within the epoch goes into Lightning checkpoints.
+
+    The sampler must offer ``state_dict()`` / ``load_state_dict()`` with ``epoch``, ``seed`` and ``consumed`` (the
+    samples of the epoch's order to skip, over all ranks) and ``num_replicas``, like ``TrainSampler``. ``len()``
+    stays the whole epoch's batch count after a resume, as Lightning's loop expects: it carries on counting from the
+    batches it restored. The loader draws its worker base seed from its own generator, never from the global RNG, so
+    that creating an epoch's iterator does not shift the random stream that dropout uses.
+    """
+
+    def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> None:
+        """Args are DataLoader's; ``trainer`` is the Trainer whose loop progress defines what has been consumed."""
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator().manual_seed(0)
+        super().__init__(*args, **kwargs)
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.dataset) / getattr(self.sampler, "num_replicas", 1))  # type: ignore[arg-type]
+        if self.batch_size is None:
+            return per_rank
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def _batches_done(self) -> int | None:
+        """Training batches of the current epoch whose step has finished on this rank (None: not training)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler_state = dict(self.sampler.state_dict())  # type: ignore[attr-defined]
+        done = self._batches_done()
+        replicas = int(getattr(self.sampler, "num_replicas", 1))
+        if done is not None and self.batch_size is not None:
+            sampler_state["consumed"] = min(len(self.dataset), done * self.batch_size * replicas)  # type: ignore
+        return {"sampler": sampler_state, "batch_size": self.batch_size, "num_replicas": replicas}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        replicas = int(getattr(self.sampler, "num_replicas", 1))
+        if (state.get("batch_size"), state.get("num_replicas")) != (self.batch_size, replicas):
+            raise UserError(
+                f"the checkpoint stopped mid-epoch with data.batch_size={state.get('batch_size')} on "
+                f"{state.get('num_replicas')} process(es), but this run has batch_size={self.batch_size} on "
+                f"{replicas}; resume with the same batch size and devices (or from an end-of-epoch checkpoint)"
+            )
+        self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint_atomically(trainer: L.Trainer, path: str | os.PathLike) -> Path:
+    """Write a full checkpoint to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    A reader (or a later resume) sees the old file or the complete new one, never a torn one. Call it on every rank
+    (saving is collective); rank 0 writes.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(tmp, weights_only=False)  # False: the full training state
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier("tim4rec_pl.save_checkpoint_atomically")
+    return path
+
+
+def interrupt_checkpoint_path(trainer: L.Trainer) -> tuple[Path, bool]:
+    """Where the interrupt checkpoint goes, and whether ``--ckpt_path last`` finds it there.
+
+    ``<dirpath>/last.ckpt`` of the first ModelCheckpoint (the newest ``last*.ckpt`` is what ``last`` resolves to),
+    else ``<default_root_dir>/interrupted.ckpt``.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}", True
+    return Path(trainer.default_root_dir) / "interrupted.ckpt", False
+
+
+# ------------------------------------------------------------------------------------------------- callback
+class FaultTolerance(Callback):
+    """SIGTERM / SIGINT during ``fit``: stop after the running batch, write ``last.ckpt`` atomically, exit cleanly.
+
+    Also keeps the RNG states in every checkpoint and restores them before the first batch after a resume. A second
+    SIGINT while stopping raises KeyboardInterrupt at once (the previous ``last.ckpt`` stays intact).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal received, until the run stops
+        self.checkpoint_path: Path | None = None  # where the interrupt checkpoint went
+        self._previous: dict[int, Any] = {}
+        self._pending_rng: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    # -- signal handling ---------------------------------------------------------------------------------------
+    def _install(self, trainer: L.Trainer) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        for signum in INTERRUPT_SIGNALS:  # replaces Lightning's SIGTERM notifier for the duration of training
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl+C: stop now
+            return
+        self.signum = signum
+        trainer = self._trainer
+        if trainer is not None:
+            launcher = trainer.strategy.launcher  # Lightning's own DDP launcher: pass the signal to the children
+            if launcher is not None and trainer.global_rank == 0:
+                launcher.kill(signum)
+            if trainer.global_rank == 0:  # os.write: no locks taken inside a signal handler
+                again = " (Ctrl+C again: stop at once)" if signum == signal.SIGINT else ""
+                note = f"tim4rec-pl: {signal.Signals(signum).name} received; stopping after the current batch{again}\n"
+                os.write(2, note.encode())
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:  # every rank must stop after the same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            if self.signum is None:  # another rank got the signal
+                self.signum = signal.SIGTERM
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_rng is not None:  # right before the first batch after a resume
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the epoch-end validation
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._uninstall()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._uninstall()
+        self._trainer = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            self._uninstall()
+            return
+        signum = self.signum if self.signum is not None else signal.SIGTERM
+        target, found_by_last = interrupt_checkpoint_path(trainer)
+        path = save_checkpoint_atomically(trainer, target)
+        self.checkpoint_path = path
+        self._uninstall()
+        exception.code = 128 + int(signum)
+        exception.tim4rec_signal = signal.Signals(signum).name  # type: ignore[attr-defined]
+        exception.tim4rec_checkpoint = str(path)  # type: ignore[attr-defined]
+        exception.tim4rec_epoch = trainer.current_epoch  # type: ignore[attr-defined]
+        exception.tim4rec_step = trainer.global_step  # type: ignore[attr-defined]
+        exception.tim4rec_rank = trainer.global_rank  # type: ignore[attr-defined]
+        exception.tim4rec_resume = "last" if found_by_last else str(path)  # type: ignore[attr-defined]
+
+    # -- state in checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict.get("rng")
+
+
+def describe_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> tuple[int, str | None]:
+    """Exit code and the one-line message (None on ranks other than 0) for a run stopped by ``FaultTolerance``.
+
+    Args:
+        exception: The SIGTERMException that ended ``fit``.
+        argv: The command's arguments (without the program name), to print the resume command.
+    """
+    code = exception.code if isinstance(exception.code, int) and exception.code else 128 + int(signal.SIGTERM)
+    if getattr(exception, "tim4rec_rank", 0) != 0:
+        return code, None
+    path = getattr(exception, "tim4rec_checkpoint", None)
+    name = getattr(exception, "tim4rec_signal", signal.Signals(code - 128).name if code > 128 else "SIGTERM")
+    if path is None:
+        return code, f"tim4rec-pl: stopped by {name} before training started; nothing to resume, run fit again"
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    resume = " ".join(shlex.quote(a) for a in [*args, "--ckpt_path", getattr(exception, "tim4rec_resume", path)])
+    where = f"epoch {getattr(exception, 'tim4rec_epoch', '?')}, step {getattr(exception, 'tim4rec_step', '?')}"
+    return code, f"tim4rec-pl: stopped by {name} at {where}; checkpoint: {path}; resume with: tim4rec-pl {resume}"
+
+
+def print_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> int:
+    """Print ``describe_interrupt``'s line to stderr and return the exit code (for the CLI's ``main``)."""
+    code, message = describe_interrupt(exception, argv)
+    if message:
+        print(message, file=sys.stderr)
+    return code
