@@ -10,8 +10,8 @@ Two measurements, each in a fresh process (so that peak memory belongs to that m
    item table. The largest block size is the whole catalogue in one matmul, i.e. what evaluation without blocks
    would cost; smaller blocks bound the score buffer to (users per batch) x (block) floats.
 
-Peak memory: on CPU the growth of the process's peak RSS (``ru_maxrss``) during the measurement; on CUDA the
-growth of ``torch.cuda.max_memory_allocated``. Results go to ``benchmarks/results/eval.json`` and ``eval.md``
+Peak memory: on CPU the growth of the process's peak RSS during the measurement (reset at its start on Linux); on
+CUDA the growth of ``torch.cuda.max_memory_allocated``. Results go to ``benchmarks/results/eval.json`` and ``eval.md``
 (git-ignored) and the markdown table is printed.
 
 Usage::
@@ -37,8 +37,24 @@ HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device: str) -> None:
@@ -49,7 +65,11 @@ def _sync(device: str) -> None:
 
 
 class PeakMemory:
-    """Peak memory growth (MiB) between ``start()`` and ``stop()``: CUDA allocator or process peak RSS."""
+    """Peak memory growth (MiB) between ``start()`` and ``stop()``: CUDA allocator, or the process's peak RSS.
+
+    On Linux the peak RSS is reset at ``start()``, so a larger peak before (imports, building the inputs) cannot hide
+    the measured one; elsewhere ``ru_maxrss`` is used and a growth of 0 means "no higher than before".
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -61,8 +81,10 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
+        elif _reset_peak_rss() and _proc_status_mib("VmRSS") is not None:
+            self.base, self.key = _proc_status_mib("VmRSS"), "VmHWM"
         else:
-            self.base = peak_rss_mib()
+            self.base, self.key = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None  # Linux: KiB
 
     def stop(self) -> float:
         import torch
@@ -70,7 +92,8 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**20 - self.base
-        return peak_rss_mib() - self.base
+        peak = _proc_status_mib(self.key) if self.key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak - self.base
 
 
 # --- workers (one per process) ------------------------------------------------------------------------------------
@@ -134,7 +157,7 @@ def ranking_worker(args: argparse.Namespace) -> dict:
 
     dev, n, d, B = args.device, args.big_items, args.dim, args.big_batch
     gen = torch.Generator().manual_seed(2)
-    weight = (torch.randn(n + 1, d, generator=gen) * 0.02).to(dev)  # (n + 1, d); row 0 = padding
+    weight = torch.randn(n + 1, d, generator=gen).mul_(0.02).to(dev)  # (n + 1, d); row 0 = padding
     user_repr = torch.randn(args.big_users, d, generator=gen).to(dev)  # (U, d)
     target = torch.randint(1, n + 1, (args.big_users,), generator=gen).to(dev)  # (U,)
     batches = [slice(s, min(s + B, args.big_users)) for s in range(0, args.big_users, B)]
