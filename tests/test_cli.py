@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 def write_fixture(path: Path, users: int = 40, items: int = 30, seed: int = 0) -> Path:
