@@ -68,6 +68,13 @@ class SeqRecModule(L.LightningModule):
         if dm is not None and hasattr(dm, "manifest"):
             manifest = dm.manifest
             self.data_info = {"checksum": manifest.get("checksum"), "stats": manifest.get("stats", {})}
+        if stage == "fit" and getattr(dm, "train_mode", "prefix") == "all_positions":
+            if not getattr(self.network, "supports_all_positions", True):  # e.g. TiM4Rec's reference time path
+                raise UserError(
+                    f"data.train_mode all_positions needs a causal network, but {type(self.network).__name__}'s "
+                    "reference time path mixes all positions (SPEC §9); set model.network.init_args.time_path: "
+                    "causal, or data.train_mode: prefix"
+                )
         if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
             self._freeze_unreachable_parameters()
         if self._compile and not self._compiled and stage == "fit":

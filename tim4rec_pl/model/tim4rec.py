@@ -6,17 +6,24 @@ including its quirks (SPEC §9): the time path LayerNorms over the sequence axis
 Linear(L -> L) layers, and sees the large negative gap right after the last item. Module and parameter names
 follow the reference checkpoints, so their state dicts load with `load_state_dict(strict=True)`.
 
+`time_path: causal` swaps that time path for a causal, scale-free one (`tim4rec_pl.model.time_path`, issue #8):
+gap features log1p(gap seconds) modulate the step size through causal, position-free layers, padding is masked
+out of the convolutions and the scan, so the network trains on all positions of a window at once, runs on any
+window length and steps one interaction at a time (`init_state` / `step`, `tim4rec_pl.model.streaming`).
+
 Inputs (the RecBole layout, owned by `tim4rec_pl.data`): `item_seq` (B, L) long, left-aligned and right-padded
-with item 0; `item_seq_len` (B,) long; `timestamps` (B, L) float32 seconds, 0 on padding.
+with item 0; `item_seq_len` (B,) long; `timestamps` (B, L) float32 seconds, 0 on padding. The causal path also
+accepts left padding (it finds real positions from item != 0).
 Shapes: d = d_model, D_in = expand * d, H = D_in / head_dim heads of width P = head_dim, N = d_state.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
@@ -29,15 +36,23 @@ from tim4rec_pl.model.layers import (
     inverse_softplus_dt,
 )
 from tim4rec_pl.model.ssd import ssd_scan
+from tim4rec_pl.model.time_path import CausalTimeScale, TimeContext, gap_features
+
+if TYPE_CHECKING:
+    from tim4rec_pl.model.streaming import StreamState
 
 ConvActivation = Literal["hardswish", "silu"]
 SSDBackend = Literal["auto", "torch", "triton"]
+TimePath = Literal["reference", "causal"]
 _ACTIVATIONS = {"hardswish": nn.Hardswish, "silu": nn.SiLU}
 _FFN_EPS = 1e-12  # the reference FFN LayerNorm ignores norm_eps
 
 
 class TiSSD(nn.Module):
-    """The time-aware SSD mixer (SPEC §3 "TiSSD mixer"): u (B, L, d), tau (B, H, L) -> out (B, L, d), tau_next."""
+    """The time-aware SSD mixer (SPEC §3 "TiSSD mixer"): u (B, L, d), tau (B, H, L) -> out (B, L, d), tau_next.
+
+    With ``time_path="causal"`` the time state is a `TimeContext` (valid mask, gap features), returned unchanged.
+    """
 
     def __init__(
         self,
@@ -54,8 +69,11 @@ class TiSSD(nn.Module):
         p2p_residual: bool,
         conv_activation: ConvActivation,
         ssd_backend: SSDBackend,
+        time_path: TimePath = "reference",
+        time_dim: int = 16,
     ) -> None:
         super().__init__()
+        self.causal = time_path == "causal"
         self.d_inner = expand * d_model
         self.nheads = self.d_inner // head_dim
         self.head_dim, self.d_state = head_dim, d_state
@@ -67,7 +85,9 @@ class TiSSD(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * n + h)  # -> z, xBC, dt
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1)
         self.act = _ACTIVATIONS[conv_activation]()
-        if is_time:
+        if is_time and self.causal:
+            self.time_scale = CausalTimeScale(h, time_dim, d_conv, time_dropout)
+        elif is_time:
             self.conv1d4time_1 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
             self.conv1d4time_2 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
             self.time_act = nn.Hardswish()
@@ -83,12 +103,14 @@ class TiSSD(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model)
 
-    def forward(self, u: Tensor, tau: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, u: Tensor, tau: Tensor | TimeContext | None, index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | TimeContext | None]:
         """Mix the sequence.
 
         Args:
             u: input, (B, L, d).
-            tau: time state, (B, H, L); None without the time path.
+            tau: time state, (B, H, L); None without the time path; a TimeContext on the causal path.
             index: optional (B,) positions; when given, only those outputs are produced, (B, d), and the next
                 time state is skipped (the last layer needs neither).
 
@@ -100,6 +122,8 @@ class TiSSD(nn.Module):
         # 1. Project and split.
         zxbcdt = self.in_proj(u)  # (B, L, 2 D_in + 2N + H)
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * n, h], dim=-1)
+        if self.causal:
+            return self._forward_causal(z, xbc, dt, tau, index)
         # 2. Causal depthwise conv + activation, then split into x, B, C (one group).
         xbc = self.act(causal_conv_channels_last(xbc, self.conv1d))  # (B, L, D_in + 2N)
         x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
@@ -133,6 +157,33 @@ class TiSSD(nn.Module):
             tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
         return out, tau_next
 
+    def _forward_causal(
+        self, z: Tensor, xbc: Tensor, dt: Tensor, ctx: TimeContext, index: Tensor | None
+    ) -> tuple[Tensor, TimeContext]:
+        """Steps 2-6 with padding masked out: zero conv inputs and delta = 0 there, so the state passes unchanged."""
+        b, length, _ = xbc.shape
+        h, p, n = self.nheads, self.head_dim, self.d_state
+        valid = ctx.valid.unsqueeze(-1)  # (B, L, 1)
+        xbc = self.act(causal_conv_channels_last(xbc * valid.to(xbc.dtype), self.conv1d))  # (B, L, D_in + 2N)
+        x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
+        if self.is_time:
+            dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
+        delta = F.softplus(dt.float() + self.dt_bias.float()) * valid  # (B, L, H), 0 at padding
+        y = ssd_scan(
+            x.reshape(b, length, h, p),  # (B, L, H, P)
+            delta,
+            -torch.exp(self.A_log),  # (H,)
+            bmat.unsqueeze(2),  # (B, L, 1, N)
+            cmat.unsqueeze(2),  # (B, L, 1, N)
+            D=self.D,
+            chunk_size=self.chunk_size,
+            backend=self.ssd_backend,
+        ).reshape(b, length, self.d_inner)  # (B, L, D_in)
+        if index is not None:
+            rows = torch.arange(b, device=y.device)
+            y, z = y[rows, index], z[rows, index]  # (B, D_in)
+        return self.out_proj(self.norm(y, z)), ctx
+
     def _time_scale(self, tau: Tensor) -> Tensor:
         """SPEC §3 TiSSD step 3: q = act(conv_t2(act(conv_t1(tau * MLP_L(tau))))), all (B, H, L)."""
         q = tau * self.mlp4time_scale(tau)  # (B, H, L); the MLP mixes positions
@@ -151,7 +202,9 @@ class TiM4RecLayer(nn.Module):
         self.residual = residual  # the reference drops `+ E` when there is a single layer
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, _FFN_EPS, nn.Hardswish()) if is_ffn else None
 
-    def forward(self, h: Tensor, tau: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, h: Tensor, tau: Tensor | TimeContext | None, index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | TimeContext | None]:
         out, tau = self.ssd(h, tau, index)  # (B, L, d) or (B, d)
         out = self.dropout(out)
         if self.residual:
@@ -185,12 +238,15 @@ class TiM4Rec(nn.Module):
         kaiming_init: bool = True,
         conv_activation: ConvActivation = "hardswish",
         ssd_backend: SSDBackend = "auto",
+        time_path: TimePath = "reference",
+        time_dim: int = 16,
     ) -> None:
         """Build TiM4Rec.
 
         Args:
             num_items: Catalogue size including the padding item 0 (filled in from the data).
-            max_seq_len: History length L; the time path's Linear(L -> L) and LayerNorm(L) are tied to it.
+            max_seq_len: History length L; the reference time path's Linear(L -> L) and LayerNorm(L) are tied to it
+                (the causal path and SSD4Rec* run on any length).
             d_model: Hidden size d (reference `hidden_size`).
             num_layers: Number of TiSSD layers.
             dropout: Dropout on embeddings, time gaps, layer outputs and the FFN (reference `dropout_prob`).
@@ -207,17 +263,24 @@ class TiM4Rec(nn.Module):
             kaiming_init: Kaiming-normal (fan_out, relu) Conv1d weights; False keeps PyTorch's default.
             conv_activation: Activation after the xBC convolution: "hardswish" (every published setting) or "silu".
             ssd_backend: SSD implementation: "auto" (Triton on CUDA when mamba-ssm imports), "torch" or "triton".
+            time_path: "reference": the paper's time path (SPEC §3), tied to L and not causal, so prefix training
+                only. "causal": log1p gap features modulate the step size through causal, position-free layers,
+                padding is masked out (any window length, all-position training, streaming with `step`).
+                Both keep `is_time: false` as the time-less SSD4Rec*.
+            time_dim: Width T of the causal time path's gap-feature convolution (time_path "causal" only).
         """
         super().__init__()
         _validate(locals())
         self.num_items, self.max_seq_len, self.d_model = num_items, max_seq_len, d_model
-        self.is_time = is_time
+        self.is_time, self.time_path = is_time, time_path
         self.nheads = expand * d_model // head_dim
+        # The reference time path mixes positions: no all-position training, no streaming (see module.py).
+        self.supports_all_positions = self.supports_streaming = time_path == "causal" or not is_time
 
         self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
         self.in_layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        if is_time:
+        if is_time and time_path == "reference":
             self.layer_norm_time = nn.LayerNorm(max_seq_len, eps=norm_eps)
         ssd_kwargs = dict(
             max_seq_len=max_seq_len,
@@ -231,6 +294,8 @@ class TiM4Rec(nn.Module):
             p2p_residual=p2p_residual,
             conv_activation=conv_activation,
             ssd_backend=ssd_backend,
+            time_path=time_path,
+            time_dim=time_dim,
         )
         self.ssd_layers = nn.ModuleList(
             TiM4RecLayer(d_model, dropout, norm_eps, residual=num_layers > 1, is_ffn=is_ffn, **ssd_kwargs)
@@ -239,10 +304,12 @@ class TiM4Rec(nn.Module):
         # The blanket pass leaves dt_bias, A_log, D and the RMSNorm weights (set in TiSSD) alone.
         self.apply(partial(init_recsys_weights, std=0.02, kaiming_conv=kaiming_init))
 
-    def _embed(self, item_seq: Tensor, timestamps: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Encoder steps 1-2: item embeddings (B, L, d) and the initial time state (B, H, L) or None."""
+    def _embed(self, item_seq: Tensor, timestamps: Tensor) -> tuple[Tensor, Tensor | TimeContext | None]:
+        """Encoder steps 1-2: item embeddings (B, L, d) and the initial time state (B, H, L), a TimeContext or None."""
         if item_seq.dim() != 2 or timestamps.shape != item_seq.shape:
             raise ValueError(f"item_seq {tuple(item_seq.shape)} and timestamps must both be (B, L)")
+        if self.time_path == "causal":
+            return self.in_layer_norm(self.dropout(self.item_embedding(item_seq))), gap_features(item_seq, timestamps)
         if self.is_time and item_seq.shape[1] != self.max_seq_len:
             raise UserError(
                 f"TiM4Rec was built with max_seq_len={self.max_seq_len} but got sequences of length "
@@ -276,6 +343,24 @@ class TiM4Rec(nn.Module):
         """Scores of every item, padding item 0 included, (B, num_items)."""
         return self.forward(item_seq, item_seq_len, timestamps) @ self.item_embedding.weight.T
 
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StreamState:
+        """An empty streaming state for `batch_size` users (see `tim4rec_pl.model.streaming.init_state`)."""
+        from tim4rec_pl.model.streaming import init_state
+
+        return init_state(self, batch_size, device)
+
+    def step(
+        self, state: StreamState, item: Tensor, timestamp: Tensor, output: Literal["scores", "repr"] = "scores"
+    ) -> tuple[StreamState, Tensor]:
+        """Add one interaction per user; returns the new state and scores (B, num_items) or the representation (B, d).
+
+        Constant time in the history length; equals a full recomputation over the history (eval mode). Item 0
+        leaves a user's state unchanged. See `tim4rec_pl.model.streaming.step`.
+        """
+        from tim4rec_pl.model.streaming import step
+
+        return step(self, state, item, timestamp, output)
+
 
 def _validate(args: dict) -> None:
     """Raise a one-line UserError for hyperparameters the network cannot be built with."""
@@ -301,6 +386,11 @@ def _validate(args: dict) -> None:
         args["conv_activation"] in _ACTIVATIONS,
         f"unknown conv_activation {args['conv_activation']!r}: use one of {', '.join(_ACTIVATIONS)}",
     )
+    need(
+        args["time_path"] in ("reference", "causal"),
+        f"unknown time_path {args['time_path']!r}: use reference (the paper's) or causal",
+    )
+    need(isinstance(args["time_dim"], int) and args["time_dim"] >= 1, "time_dim must be a positive integer")
     need(
         args["ssd_backend"] in ("auto", "torch", "triton"),
         f"unknown ssd_backend {args['ssd_backend']!r}: use auto, torch or triton",
