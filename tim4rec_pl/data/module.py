@@ -158,11 +158,12 @@ class TrainSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         start, self._skip = self._skip, 0
-        rest = self.order()[start:]
-        pad = -len(rest) % self.num_replicas
-        if pad and len(rest):
-            rest = np.concatenate([rest, np.resize(rest, pad)])
-        own = rest[self.rank :: self.num_replicas].tolist()
+        order = self.order()
+        pad = -len(order) % self.num_replicas
+        if pad and len(order):
+            order = np.concatenate([order, np.resize(order, pad)])
+        # a resumed epoch continues the padded order, so even the padding repeats what the whole epoch would have
+        own = order[start + self.rank :: self.num_replicas].tolist() if start < len(self.dataset) else []
         self._live, self._live_epoch, self._live_start, self._live_len = iter(own), self.epoch, start, len(own)
         return self._live
 
