@@ -120,3 +120,20 @@ def test_ddp_predictions_equal_single_process(ddp_trained, tmp_path):
     assert two.drop("score").equals(one.drop("score"))  # same users in the same order, same items and ranks
     np.testing.assert_allclose(two["score"].to_numpy(), one["score"].to_numpy(), rtol=1e-6, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["p.parquet"]  # parts merged and removed
+
+
+@pytest.mark.parametrize("preset", ["ddp-1node", "ddp-multinode", "cpu-ddp"])
+def test_presets_combine_with_a_dataset_config(preset, capsys):
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["fit", "--config", root / "configs/ml-1m.yaml", "--config", root / f"configs/presets/{preset}.yaml"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(*args, "--print_config")
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    want = yaml.safe_load((root / f"configs/presets/{preset}.yaml").read_text())["trainer"]
+    for key, value in want.items():  # the preset wins ...
+        assert config["trainer"][key] == value or str(config["trainer"][key]) == str(value), key
+    assert config["data"]["max_seq_len"] == 200  # ... and the dataset config's other settings stay
+    assert any("ModelCheckpoint" in cb["class_path"] for cb in config["trainer"]["callbacks"])
