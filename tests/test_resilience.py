@@ -93,15 +93,21 @@ data:
     return cfg
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(**extra: str | None) -> dict[str, str]:
+    """This environment for a CLI subprocess, W&B disabled, ``extra`` on top (``None`` removes a variable)."""
     # one torch thread, here and in-process (`one_thread`): the same arithmetic in every run, and no thread
     # contention on a small shared machine
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def start_cli(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+def start_cli(*args: str, cwd: Path, **env: str | None) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("tim4rec-pl")
     return subprocess.Popen(
         [str(exe), *args], cwd=cwd, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
