@@ -157,7 +157,8 @@ def _mixer_step(
     x, bmat, cmat = torch.split(xbc, [d_inner, n, n], dim=-1)
     if mixer.is_time:
         dt = dt + mixer.time_scale.step(gap_window)  # (B, H)
-    delta = F.softplus(dt.float() + mixer.dt_bias.float()) * valid[:, None]  # (B, H), 0: state unchanged
+    dtype = torch.promote_types(dt.dtype, torch.float32)
+    delta = F.softplus(dt.to(dtype) + mixer.dt_bias.to(dtype)) * valid[:, None]  # (B, H), 0: state unchanged
     y, ssd_out = ssd_step(
         ssd_in,
         x.reshape(b, h, p),  # (B, H, P)

@@ -168,7 +168,8 @@ class TiSSD(nn.Module):
         x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
         if self.is_time:
             dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
-        delta = F.softplus(dt.float() + self.dt_bias.float()) * valid  # (B, L, H), 0 at padding
+        dtype = torch.promote_types(dt.dtype, torch.float32)  # step sizes in >= float32, like ssd_scan's
+        delta = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)) * valid  # (B, L, H), 0 at padding
         y = ssd_scan(
             x.reshape(b, length, h, p),  # (B, L, H, P)
             delta,

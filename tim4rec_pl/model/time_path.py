@@ -32,7 +32,7 @@ class TimeContext(NamedTuple):
     """What the causal path carries through the layers: which positions are real, and their gap features."""
 
     valid: Tensor  # (B, L) bool, item != 0
-    gaps: Tensor  # (B, L) float, g_t = log1p(gap seconds); 0 at the first real position and at padding
+    gaps: Tensor  # (B, L) float32 or float64, g_t = log1p(gap seconds); 0 at the first real position and at padding
 
 
 def gap_features(item_seq: Tensor, timestamps: Tensor) -> TimeContext:
@@ -43,7 +43,7 @@ def gap_features(item_seq: Tensor, timestamps: Tensor) -> TimeContext:
         timestamps: (B, L) seconds (any value on padding).
 
     Returns:
-        TimeContext with ``valid`` (B, L) bool and ``gaps`` (B, L) float32.
+        TimeContext with ``valid`` (B, L) bool and ``gaps`` (B, L), float32 (float64 for float64 timestamps).
     """
     valid = item_seq != 0  # (B, L)
     t = timestamps.to(torch.promote_types(timestamps.dtype, torch.float32))  # (B, L)
@@ -52,12 +52,12 @@ def gap_features(item_seq: Tensor, timestamps: Tensor) -> TimeContext:
     has_prev = torch.zeros_like(valid)
     has_prev[:, 1:] = valid[:, :-1]
     keep = valid & has_prev  # a gap needs a real previous interaction inside the window
-    gaps = torch.log1p(diff.clamp(min=0).masked_fill(~keep, 0.0)).float()  # (B, L)
+    gaps = torch.log1p(diff.clamp(min=0).masked_fill(~keep, 0.0))  # (B, L)
     return TimeContext(valid, gaps)
 
 
 def step_gap(last_time: Tensor, started: Tensor, timestamp: Tensor) -> Tensor:
-    """The gap feature of one new interaction per row, (B,) float32: as `gap_features` computes it in a window.
+    """The gap feature of one new interaction per row, (B,): as `gap_features` computes it in a window.
 
     Args:
         last_time: (B,) timestamp of each row's previous interaction.
@@ -66,7 +66,7 @@ def step_gap(last_time: Tensor, started: Tensor, timestamp: Tensor) -> Tensor:
     """
     dtype = torch.promote_types(timestamp.dtype, torch.float32)
     diff = timestamp.to(dtype) - last_time.to(dtype)
-    return torch.log1p(diff.clamp(min=0).masked_fill(~started, 0.0)).float()  # (B,)
+    return torch.log1p(diff.clamp(min=0).masked_fill(~started, 0.0))  # (B,)
 
 
 class CausalTimeScale(nn.Module):
