@@ -449,7 +449,7 @@ def test_atomic_save_never_leaves_a_torn_checkpoint(tmp_path):
 def test_describe_interrupt_builds_the_resume_command():
     stop = SIGTERMException()
     stop.code = 143
-    stop.tim4rec_signal, stop.tim4rec_checkpoint, stop.tim4rec_resume = "SIGTERM", "/r/last.ckpt", "last"
+    stop.tim4rec_signal, stop.tim4rec_checkpoint = "SIGTERM", "/r/last.ckpt"
     stop.tim4rec_epoch, stop.tim4rec_step, stop.tim4rec_rank = 3, 120, 0
     code, line = describe_interrupt(
         stop, ["fit", "--config", "my run.yaml", "--ckpt_path", "old.ckpt", "--seed_everything=1"]
@@ -457,5 +457,10 @@ def test_describe_interrupt_builds_the_resume_command():
     assert code == 143
     assert line == ("tim4rec-pl: stopped by SIGTERM at epoch 3, step 120; checkpoint: /r/last.ckpt; resume with: "
                     "tim4rec-pl fit --config 'my run.yaml' --seed_everything=1 --ckpt_path last")  # fmt: skip
+    stop.tim4rec_checkpoint = None  # checkpointing switched off
+    assert describe_interrupt(stop, ["fit"])[1].endswith(
+        "no checkpoint written (trainer.enable_checkpointing is false)"
+    )
     stop.tim4rec_rank = 1
     assert describe_interrupt(stop, ["fit"]) == (143, None)  # only rank 0 speaks
+    assert describe_interrupt(SIGTERMException(), ["test"]) == (143, "tim4rec-pl: stopped by SIGTERM")

@@ -139,16 +139,13 @@ def save_checkpoint_atomically(trainer: L.Trainer, path: str | os.PathLike) -> P
     return path
 
 
-def interrupt_checkpoint_path(trainer: L.Trainer) -> tuple[Path, bool]:
-    """Where the interrupt checkpoint goes, and whether ``--ckpt_path last`` finds it there.
-
-    ``<dirpath>/last.ckpt`` of the first ModelCheckpoint (the newest ``last*.ckpt`` is what ``last`` resolves to),
-    else ``<default_root_dir>/interrupted.ckpt``.
-    """
+def interrupt_checkpoint_path(trainer: L.Trainer) -> Path | None:
+    """``<dirpath>/last.ckpt`` of the first ModelCheckpoint: the newest ``last*.ckpt`` is what ``--ckpt_path last``
+    resumes. None when checkpointing is off (``trainer.enable_checkpointing: false``): then nothing is written."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}", True
-    return Path(trainer.default_root_dir) / "interrupted.ckpt", False
+            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- callback
@@ -207,6 +204,9 @@ class FaultTolerance(Callback):
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum, self.checkpoint_path = None, None  # a Trainer may fit more than once
+
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install(trainer)
 
@@ -236,21 +236,19 @@ class FaultTolerance(Callback):
         self._trainer = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            self._uninstall()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            self._uninstall()  # only an interrupted fit has a training state worth saving
             return
         signum = self.signum if self.signum is not None else signal.SIGTERM
-        target, found_by_last = interrupt_checkpoint_path(trainer)
-        path = save_checkpoint_atomically(trainer, target)
-        self.checkpoint_path = path
+        target = interrupt_checkpoint_path(trainer)
+        self.checkpoint_path = save_checkpoint_atomically(trainer, target) if target is not None else None
         self._uninstall()
         exception.code = 128 + int(signum)
         exception.tim4rec_signal = signal.Signals(signum).name  # type: ignore[attr-defined]
-        exception.tim4rec_checkpoint = str(path)  # type: ignore[attr-defined]
+        exception.tim4rec_checkpoint = str(self.checkpoint_path) if target is not None else None  # type: ignore
         exception.tim4rec_epoch = trainer.current_epoch  # type: ignore[attr-defined]
         exception.tim4rec_step = trainer.global_step  # type: ignore[attr-defined]
         exception.tim4rec_rank = trainer.global_rank  # type: ignore[attr-defined]
-        exception.tim4rec_resume = "last" if found_by_last else str(path)  # type: ignore[attr-defined]
 
     # -- state in checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -264,16 +262,19 @@ def describe_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> tupl
     """Exit code and the one-line message (None on ranks other than 0) for a run stopped by ``FaultTolerance``.
 
     Args:
-        exception: The SIGTERMException that ended ``fit``.
+        exception: The SIGTERMException that ended ``fit`` (or another command).
         argv: The command's arguments (without the program name), to print the resume command.
     """
     code = exception.code if isinstance(exception.code, int) and exception.code else 128 + int(signal.SIGTERM)
     if getattr(exception, "tim4rec_rank", 0) != 0:
         return code, None
-    path = getattr(exception, "tim4rec_checkpoint", None)
     name = getattr(exception, "tim4rec_signal", signal.Signals(code - 128).name if code > 128 else "SIGTERM")
+    if not hasattr(exception, "tim4rec_step"):  # not a fit stopped by FaultTolerance
+        return code, f"tim4rec-pl: stopped by {name}"
+    where = f"stopped by {name} at epoch {exception.tim4rec_epoch}, step {exception.tim4rec_step}"  # type: ignore
+    path = getattr(exception, "tim4rec_checkpoint", None)
     if path is None:
-        return code, f"tim4rec-pl: stopped by {name} before training started; nothing to resume, run fit again"
+        return code, f"tim4rec-pl: {where}; no checkpoint written (trainer.enable_checkpointing is false)"
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -282,9 +283,8 @@ def describe_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> tupl
             skip = True
         elif not arg.startswith("--ckpt_path="):
             args.append(arg)
-    resume = " ".join(shlex.quote(a) for a in [*args, "--ckpt_path", getattr(exception, "tim4rec_resume", path)])
-    where = f"epoch {getattr(exception, 'tim4rec_epoch', '?')}, step {getattr(exception, 'tim4rec_step', '?')}"
-    return code, f"tim4rec-pl: stopped by {name} at {where}; checkpoint: {path}; resume with: tim4rec-pl {resume}"
+    resume = " ".join(shlex.quote(a) for a in [*args, "--ckpt_path", "last"])
+    return code, f"tim4rec-pl: {where}; checkpoint: {path}; resume with: tim4rec-pl {resume}"
 
 
 def print_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> int:
