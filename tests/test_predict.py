@@ -55,6 +55,7 @@ def write_config(tmp: Path, data_file: Path, topk: tuple[int, ...] = (3, 5, 10))
     cfg.write_text(f"""
 seed_everything: 11
 trainer:
+  default_root_dir: {tmp}          # in-process runs: nothing lands in the working directory
   max_epochs: 1
   accelerator: cpu
   devices: 1
