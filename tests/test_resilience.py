@@ -408,10 +408,14 @@ def test_loader_state_counts_finished_batches_and_resumes_the_order(world):
         assert [b.tolist() for b in fresh] == full[rank][2:]  # exactly the batches not yet trained on
 
 
-def test_loader_refuses_a_state_from_another_batch_size():
-    state = _loader(_Trainer(processed=1)).state_dict()
+def test_loader_refuses_a_mid_epoch_state_from_another_batch_size():
+    one, six = _Trainer(processed=1), _Trainer(processed=6)  # (the loader holds its trainer by a weak reference)
+    state = _loader(one).state_dict()
     with pytest.raises(UserError, match="batch_size=4"):
         _loader(batch_size=8).load_state_dict(state)
+    end_of_epoch = _loader(six).state_dict()  # the whole epoch: the next one starts afresh
+    assert end_of_epoch["sampler"]["consumed"] == 23
+    _loader(batch_size=8).load_state_dict(end_of_epoch)
 
 
 def test_loader_does_not_draw_from_the_global_rng():

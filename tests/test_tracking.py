@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from test_cli import write_fixture
 from test_resilience import finish, load, run_in_process, start_cli, write_run_config
@@ -163,7 +164,9 @@ def test_offline_run_holds_the_resolved_config_and_data_identity(offline_runs, c
     second = _config(wandb_records(next(_offline_dir(offline_runs.second).glob("run-*.wandb"))))["config"]
     monkeypatch.setattr(sys, "argv", ["tim4rec-pl"])
     assert run_in_process("fit", "--config", str(offline_runs.cfg), "--trainer.max_epochs", "1", "--print_config") == 0
-    assert second == yaml.safe_load(capsys.readouterr().out)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert second == printed, {k: (second.get(k), printed.get(k)) for k in second.keys() | printed.keys()
+                               if second.get(k) != printed.get(k)}  # fmt: skip
 
 
 def test_offline_run_holds_history_summary_and_model(offline_runs):
@@ -260,6 +263,7 @@ class _FakeTrainer:
         self.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
         self.is_global_zero = rank == 0
         self.sanity_checking = False
+        self.state = SimpleNamespace(fn=TrainerFn.FITTING)
         self.loggers = [logger] if logger is not None else []
         self.current_epoch, self.global_step = epoch, step
         self.checkpoint_callback = ModelCheckpoint(monitor=monitor[0], mode=monitor[1]) if monitor else None
@@ -276,6 +280,10 @@ def test_best_summary_follows_the_checkpoint_monitor_and_survives_resume(clean_e
                                                step=10 * (epoch + 1)), None)  # fmt: skip
     assert run.summary == pytest.approx({"best/val/ndcg@10": 0.3, "best/val/hr@10": 0.4, "best/epoch": 1,
                                          "best/step": 20})  # fmt: skip
+    validating = _FakeTrainer({"val/ndcg@10": 0.9}, logger=logger, epoch=9)
+    validating.state.fn = TrainerFn.VALIDATING  # `tim4rec-pl validate` is not an epoch of training
+    summary.on_validation_end(validating, None)
+    assert run.summary["best/epoch"] == 1
     # resumed in a new process: the state comes from the checkpoint, the new run's summary starts from it
     restored, new_run = BestMetricsSummary(), _Run()
     restored.load_state_dict(torch.load(_saved(summary.state_dict(), tmp_path), weights_only=True))

@@ -80,10 +80,19 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> s
     return ckpt_path
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment: tests and notebooks swap it, and a handler that kept the stream
+    it was created with would write to a closed one."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _configure_logging() -> None:
     logger = logging.getLogger("tim4rec_pl")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

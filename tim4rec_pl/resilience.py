@@ -83,7 +83,14 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> None:
-        """Args are DataLoader's; ``trainer`` is the Trainer whose loop progress defines what has been consumed."""
+        """Stateful training loader.
+
+        Args:
+            *args: DataLoader's positional arguments.
+            trainer: The Trainer whose training-loop progress says how many batches are finished (without one, the
+                state falls back to what the sampler has handed out).
+            **kwargs: DataLoader's keyword arguments; ``generator`` defaults to a private one seeded with 0.
+        """
         if kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator().manual_seed(0)
         super().__init__(*args, **kwargs)
@@ -112,7 +119,8 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         replicas = int(getattr(self.sampler, "num_replicas", 1))
-        if (state.get("batch_size"), state.get("num_replicas")) != (self.batch_size, replicas):
+        mid_epoch = 0 < int(state["sampler"].get("consumed", 0)) < len(self.dataset)  # type: ignore[arg-type]
+        if mid_epoch and (state.get("batch_size"), state.get("num_replicas")) != (self.batch_size, replicas):
             raise UserError(
                 f"the checkpoint stopped mid-epoch with data.batch_size={state.get('batch_size')} on "
                 f"{state.get('num_replicas')} process(es), but this run has batch_size={self.batch_size} on "

@@ -15,6 +15,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -149,8 +150,8 @@ class BestMetricsSummary(Callback):
         return "val/ndcg@10", "max"
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+            return  # epochs of a fit only (not `tim4rec-pl validate`), on rank 0
         monitor, mode = self._criterion(trainer)
         metrics = trainer.callback_metrics
         if monitor not in metrics:
