@@ -140,7 +140,12 @@ def ssd_scan(
     _check_shapes(x, dt, A, B, C, initial_state)
     if chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size}: set `chunk_size` to e.g. 32")
-    if resolve_backend(backend, x.device) == "triton":
+    use_triton = resolve_backend(backend, x.device) == "triton"
+    if x.shape[1] == 0:  # nothing to scan: the state passes through unchanged
+        b, _, h, p = x.shape
+        s = initial_state if initial_state is not None else x.new_zeros(b, h, p, B.shape[3])
+        return (x.new_zeros(x.shape), s.to(_compute_dtype(x))) if return_final_state else x.new_zeros(x.shape)
+    if use_triton:
         return _scan_triton(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, chunk_size, return_final_state)
     with torch.autocast(device_type=x.device.type, enabled=False):  # decays and sums must stay in float32
         y, final = _scan_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state, chunk_size, return_final_state)
@@ -199,17 +204,21 @@ def _sum_groups(t: Tensor, g: int) -> Tensor:
     return t if g == h else t.view(b, c, g, h // g, q, k).sum(3)
 
 
-def _decays(cum: Tensor) -> Tensor:
-    """exp(cum_t - cum_s), (b, c, H, Q, Q); 1 above the diagonal (there C.B is masked to 0 instead).
+def _decays(cum: Tensor, dtype: torch.dtype) -> Tensor:
+    """exp(cum_t - cum_s) in `dtype`, (b, c, H, Q, Q); 1 above the diagonal (there C.B is masked to 0 instead).
 
-    cum is non-increasing, so cum_t - cum_s <= 0 for s <= t: the upper clamp only touches the upper triangle,
-    so no exponent is ever positive and nothing overflows.
+    cum is float64 and non-increasing: the differences are taken in float64 (a float32 cum loses the digits
+    that small differences need once |cum| is large) and rounded once on writing. cum_t - cum_s <= 0 for
+    s <= t, so the upper clamp only touches the upper triangle: no exponent is ever positive.
     """
-    return (cum[..., :, None] - cum[..., None, :]).clamp_(_MIN_LOG_DECAY, 0.0).exp_()
+    b, c, h, q = cum.shape
+    out = torch.empty(b, c, h, q, q, dtype=dtype, device=cum.device)
+    torch.sub(cum[..., :, None], cum[..., None, :], out=out)
+    return out.clamp_(_MIN_LOG_DECAY, 0.0).exp_()
 
 
-def _exp_decay(log_decay: Tensor) -> Tensor:
-    return log_decay.clamp(min=_MIN_LOG_DECAY).exp_()
+def _exp_decay(log_decay: Tensor, dtype: torch.dtype) -> Tensor:
+    return log_decay.clamp(min=_MIN_LOG_DECAY).exp_().to(dtype)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -231,7 +240,9 @@ class _ChunkedScan(torch.autograd.Function):
         x, delta, B, C = (_pad_len(t, pad) for t in (x, delta, B, C))
         xv = x.reshape(b, c, q, h, p)  # (b, c, Q, H, P)
         dl = delta.reshape(b, c, q, h).transpose(2, 3)  # (b, c, H, Q)
-        cum = (dl * A[:, None]).cumsum(-1).contiguous()  # (b, c, H, Q): log-decay from the chunk start, <= 0
+        # Log-decay from the chunk start, (b, c, H, Q), <= 0, kept in float64 (small): differences of it drive
+        # every decay, and float32 values of size |cum| lose the digits that small differences need.
+        cum = (dl.double() * A.double()[:, None]).cumsum(-1).contiguous()
         xd = torch.empty(b, c, h, q, p, dtype=x.dtype, device=x.device)
         torch.mul(xv.transpose(2, 3), dl[..., None], out=xd)  # (b, c, H, Q, P): delta_s x_s
         Bg = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, G, Q, N)
@@ -239,7 +250,7 @@ class _ChunkedScan(torch.autograd.Function):
 
         # 1. Intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) xd_s, one (Q, Q) matrix per head.
         CB = (Cg @ Bg.transpose(-1, -2)).tril_()  # (b, c, G, Q, Q), causal mask
-        M = _decays(cum)  # (b, c, H, Q, Q)
+        M = _decays(cum, x.dtype)  # (b, c, H, Q, Q)
         M.view(b, c, g, hg, q, q).mul_(CB[:, :, :, None])
         y = M @ xd  # (b, c, H, Q, P)
 
@@ -248,10 +259,10 @@ class _ChunkedScan(torch.autograd.Function):
         w = Bw = decay = s_prev = ein = Cw = None
         final = x.new_empty(0)
         if inter:
-            w = _exp_decay(cum[..., -1:] - cum)  # (b, c, H, Q): decay from s to the chunk end
+            w = _exp_decay(cum[..., -1:] - cum, x.dtype)  # (b, c, H, Q): decay from s to the chunk end
             Bw = _per_head(Bg, w, hg)  # (b, c, H, Q, N)
             states = xd.transpose(-1, -2) @ Bw  # (b, c, H, P, N)
-            decay = _exp_decay(cum[..., -1])  # (b, c, H): decay across the whole chunk
+            decay = _exp_decay(cum[..., -1], x.dtype)  # (b, c, H): decay across the whole chunk
             s_prev = torch.empty(b, c, h, p, n, dtype=x.dtype, device=x.device)  # state entering each chunk
             if s0 is None:
                 s_prev[:, 0].zero_()
@@ -260,7 +271,7 @@ class _ChunkedScan(torch.autograd.Function):
             for ci in range(c - 1):
                 torch.addcmul(states[:, ci], s_prev[:, ci], decay[:, ci, :, None, None], out=s_prev[:, ci + 1])
             final = torch.addcmul(states[:, -1], s_prev[:, -1], decay[:, -1, :, None, None])  # (b, H, P, N)
-            ein = _exp_decay(cum)  # (b, c, H, Q): decay from the chunk start to t
+            ein = _exp_decay(cum, x.dtype)  # (b, c, H, Q): decay from the chunk start to t
             Cw = _per_head(Cg, ein, hg)  # (b, c, H, Q, N)
             y.view(-1, q, p).baddbmm_(Cw.view(-1, q, n), s_prev.view(-1, p, n).transpose(1, 2))
 
@@ -291,8 +302,9 @@ class _ChunkedScan(torch.autograd.Function):
         # 1. Intra-chunk. With E the decays and M = CB * E: d(CB) = sum_h dM * E, d(log-decay) = dM * M.
         dxd = M.transpose(-1, -2) @ dy  # (b, c, H, Q, P)
         dM = dy @ xd.transpose(-1, -2)  # (b, c, H, Q, Q)
-        dCB = _sum_groups(_decays(cum).mul_(dM), g).tril_()  # (b, c, G, Q, Q)
+        dCB = _sum_groups(_decays(cum, dM.dtype).mul_(dM), g).tril_()  # (b, c, G, Q, Q)
         dseg = dM.mul_(M)
+        dseg.diagonal(dim1=-2, dim2=-1).zero_()  # exp(cum_t - cum_t) is constant; dropping it avoids cancellation
         dcum = dseg.sum(-1) - dseg.sum(-2)  # (b, c, H, Q); d/dcum_t of exp(cum_t - cum_s)
         dCg = dCB @ Bg  # (b, c, G, Q, N)
         dBg = dCB.transpose(-1, -2) @ Cg  # (b, c, G, Q, N)
@@ -317,8 +329,8 @@ class _ChunkedScan(torch.autograd.Function):
             dxd.view(-1, q, p).baddbmm_(Bw.view(-1, q, n), dstates.view(-1, p, n).transpose(1, 2))
             dBw = xd @ dstates  # (b, c, H, Q, N)
             dBg += _sum_groups(dBw * w[..., None], g)
-            dw = dBw.mul_(Bw).sum(-1)  # (b, c, H, Q): d/dlog(w)
-            dcum -= dw
+            dw = dBw.mul_(Bw).sum(-1)[..., :-1]  # (b, c, H, Q - 1): d/dlog(w); w = 1 at the chunk end
+            dcum[..., :-1] -= dw
             dcum[..., -1] += dw.sum(-1) + ddecay * decay
 
         # 2. cum is a within-chunk cumsum of dA = delta * A; xd = delta * x.
