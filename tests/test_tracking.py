@@ -230,8 +230,9 @@ def test_mode_follows_the_key_and_wandb_mode(clean_env, tmp_path):
     assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_SILENT"] == "true"
     assert "anonymous" not in logger._wandb_init
     clean_env.setenv("WANDB_MODE", "disabled")
-    logger = WandbLogger(save_dir=str(tmp_path / "b"))
-    assert not logger._offline and "mode" not in logger._wandb_init and os.environ["WANDB_MODE"] == "disabled"
+    for offline in (None, True):
+        logger = WandbLogger(save_dir=str(tmp_path / "b"), offline=offline)
+        assert not logger._offline and "mode" not in logger._wandb_init and os.environ["WANDB_MODE"] == "disabled"
     clean_env.delenv("WANDB_MODE")
     clean_env.setenv("WANDB_API_KEY", "k" * 40)
     logger = WandbLogger(save_dir=str(tmp_path / "c"))

@@ -84,7 +84,7 @@ class WandbLogger(_LightningWandbLogger):
             offline=bool(offline) and not log_model,
             **kwargs,
         )
-        self._offline = bool(offline)
+        self._offline = self._announce_offline  # WANDB_MODE=disabled wins over offline=True
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
 
