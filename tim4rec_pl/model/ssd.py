@@ -207,13 +207,18 @@ def _sum_groups(t: Tensor, g: int) -> Tensor:
 def _decays(cum: Tensor, dtype: torch.dtype) -> Tensor:
     """exp(cum_t - cum_s) in `dtype`, (b, c, H, Q, Q); 1 above the diagonal (there C.B is masked to 0 instead).
 
-    cum is float64 and non-increasing: the differences are taken in float64 (a float32 cum loses the digits
-    that small differences need once |cum| is large) and rounded once on writing. cum_t - cum_s <= 0 for
-    s <= t, so the upper clamp only touches the upper triangle: no exponent is ever positive.
+    cum is float64 and non-increasing. A float32 copy of it would lose the digits that small differences need
+    once |cum| is large, so it is split into float32 hi + lo parts and the differences are formed as
+    (hi_t - hi_s) + lo_t - lo_s: float32 work, float64-like accuracy. cum_t - cum_s <= 0 for s <= t, so the upper
+    clamp only touches the upper triangle: no exponent is ever positive.
     """
     b, c, h, q = cum.shape
+    hi = cum.to(dtype)
     out = torch.empty(b, c, h, q, q, dtype=dtype, device=cum.device)
-    torch.sub(cum[..., :, None], cum[..., None, :], out=out)
+    torch.sub(hi[..., :, None], hi[..., None, :], out=out)
+    if dtype != cum.dtype:
+        lo = (cum - hi).to(dtype)
+        out.add_(lo[..., :, None]).sub_(lo[..., None, :])
     return out.clamp_(_MIN_LOG_DECAY, 0.0).exp_()
 
 
