@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# First, before anything loads torch: OpenMP wait policy and malloc settings for fast CPU training (issue #7).
+import tim4rec_pl.cpu_runtime  # noqa: F401
+
+# isort: split
 import logging
 import os
 import pickle
