@@ -117,6 +117,16 @@ def test_small_blocks_match_recurrence(length: int) -> None:
         assert (final - final_ref).abs().max() < 1e-12, chunk
 
 
+def test_batch_slices_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = make_inputs(b=5, length=70, g=2, initial_state=True, dtype=torch.float32)
+    whole = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
+    assert ssd._slice_rows(inputs["x"], 2, 35) == 1
+    sliced = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    for a, b in zip(whole, sliced):
+        assert (a - b).abs().max() < 1e-6
+
+
 @pytest.mark.usefixtures("small_blocks")
 def test_chunk_size_changes_nothing_float32() -> None:
     inputs = make_inputs(length=200, dtype=torch.float32, initial_state=True)
@@ -145,7 +155,10 @@ GRAD_CASES = {
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("case", GRAD_CASES.values(), ids=GRAD_CASES.keys())
 @pytest.mark.parametrize("use_final", [True, False], ids=["y+final", "y"])
-def test_gradients_match_recurrence(case: dict, use_final: bool) -> None:
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-batch", "row-slices"])
+def test_gradients_match_recurrence(case: dict, use_final: bool, sliced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if sliced:  # the CPU path runs the batch in slices; one sequence per slice here
+        monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
     case = dict(case)
     chunk = case.pop("chunk")
     inputs = make_inputs(b=2, h=4, p=3, n=5, **case)
