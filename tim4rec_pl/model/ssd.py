@@ -12,10 +12,18 @@ Per head, with a (P, N) state S:
 Unrolled, y = M (delta * x) + D * x with the 1-semiseparable mask
 M[t, s] = C_t . B_s * exp(A * sum(delta_{s+1..t})) for s <= t, else 0.
 
-The "torch" backend computes this in chunks of Q positions: inside a chunk, the quadratic (masked decay matrix)
-form; between chunks, a short recurrence over the (P, N) states at chunk ends. The chunk size changes only how
-the result is computed, never the result. The "triton" backend calls mamba-ssm's fused kernels (CUDA only,
-optional dependency, imported lazily).
+The "torch" backend computes this in chunks of Q positions (c = L / Q chunks, the last one zero-padded):
+
+    1. cum_t = sum of delta A from the chunk start to t                  (b, c, H, Q), float64
+    2. intra-chunk: y = (tril(C B^T) * exp(cum_t - cum_s)) (delta x)     (b, c, H, Q, Q) @ (b, c, H, Q, P)
+    3. chunk states: S_c = sum_s exp(cum_end - cum_s) delta_s x_s B_s^T  (b, c, H, P, N)
+    4. passed along chunks: S_in[c+1] = exp(cum_end[c]) S_in[c] + S_c    (a short loop over chunks)
+    5. inter-chunk: y += exp(cum_t) C_t S_in[c]^T                         (b, c, H, Q, N) @ (b, c, H, N, P)
+
+any device, any L, differentiable through a hand-written backward (CPU: batch slices sized for the cache, with
+the slice's terms recomputed in backward). The chunk size changes only the cost, never the result; on CPU the
+block length is chosen for speed (see _torch_block). The "triton" backend calls mamba-ssm's fused kernels
+(CUDA only, optional dependency, imported lazily).
 """
 
 from __future__ import annotations
@@ -133,7 +141,8 @@ def ssd_scan(
         dt_bias: added to dt before the softplus, (H,).
         dt_softplus: apply softplus to dt + dt_bias.
         initial_state: state before the first position, (B, H, P, N); zeros when None.
-        chunk_size: positions per chunk; changes the cost, never the result.
+        chunk_size: positions per chunk, as the Triton kernels use it; the torch backend blocks by at least
+            _MIN_TORCH_BLOCK (48) positions on any device, see `_torch_block`. Changes the cost, never the result.
         return_final_state: also return the state after the last position.
         backend: "auto", "torch" or "triton" (see `resolve_backend`).
 
