@@ -1,4 +1,5 @@
-"""Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init."""
+"""Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init, and
+the SSD output at one position (the last layer of a network that reads one position per sequence)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,56 @@ def inverse_softplus_dt(num: int, dt_min: float = 1e-3, dt_max: float = 0.1, flo
     log_dt = torch.rand(num) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
     dt = log_dt.exp().clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus, stable for small dt
+
+
+def ssd_output_at(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    index: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """The SSD scan's output at one position per sequence, ``ssd_scan(...)[arange(b), index]``, in O(L) per sequence.
+
+    The last layer of a network that reads one position needs one row of the structured mask, not the whole scan:
+    ``y_t = sum_{s <= t} (C_t . B_s) exp(A * sum(delta_(s+1..t))) delta_s x_s + D x_t`` (zero initial state). The
+    log-decays are suffix sums of non-positive terms, so they carry no cancellation; they are floored at -50 like
+    the scan's (e^-50 is far below float32 resolution) to keep subnormal floats out. Shapes as in
+    `tim4rec_pl.model.ssd.ssd_scan`.
+
+    Args:
+        x: inputs, (b, L, H, P).
+        dt: raw step sizes, (b, L, H).
+        A: negative decay rates, (H,).
+        B: input projections, (b, L, G, N).
+        C: output projections, (b, L, G, N).
+        index: the position to read in each sequence, (b,) long.
+        D: skip connection, (H,) or (H, P); None for no skip.
+        dt_bias: added to dt before the softplus, (H,).
+        dt_softplus: apply softplus to dt + dt_bias.
+
+    Returns:
+        y at the given positions, (b, H, P), in x's dtype.
+    """
+    b, length, h, _ = x.shape
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # half precision is upcast
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        delta = dt.to(dtype) if dt_bias is None else dt.to(dtype) + dt_bias.to(dtype)
+        delta = F.softplus(delta) if dt_softplus else delta  # (b, L, H)
+        rows = torch.arange(b, device=x.device)
+        after = (torch.arange(length, device=x.device) > index[:, None])[..., None]  # (b, L, 1): past the output
+        dA = (delta * A.to(dtype)).masked_fill(after, 0.0)  # (b, L, H), <= 0
+        suffix = dA.flip(1).cumsum(1).flip(1)  # (b, L, H): sum of dA over [s, t]
+        log_decay = F.pad(suffix[:, 1:], (0, 0, 0, 1))  # (b, L, H): over (s, t], from s to the output position
+        decay = log_decay.clamp(min=-50.0).exp().masked_fill(after, 0.0)  # (b, L, H)
+        cb = torch.einsum("blgn,bgn->blg", B.to(dtype), C[rows, index].to(dtype))  # (b, L, G): C_t . B_s
+        weight = decay * delta * cb.repeat_interleave(h // B.shape[2], dim=2)  # (b, L, H)
+        y = (x.to(dtype) * weight[..., None]).sum(1)  # (b, H, P)
+        if D is not None:
+            skip = D.to(dtype)
+            y = y + x[rows, index].to(dtype) * (skip[:, None] if skip.dim() == 1 else skip)
+    return y.to(x.dtype)
