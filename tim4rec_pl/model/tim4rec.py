@@ -34,6 +34,7 @@ from tim4rec_pl.model.layers import (
     causal_conv_channels_last,
     init_recsys_weights,
     inverse_softplus_dt,
+    ssd_output_at,
 )
 from tim4rec_pl.model.ssd import ssd_scan
 from tim4rec_pl.model.time_path import CausalTimeScale, TimeContext, gap_features
@@ -117,11 +118,9 @@ class TiSSD(nn.Module):
         Returns:
             out (B, L, d) or (B, d), and the next time state (B, H, L) or None.
         """
-        b, length, _ = u.shape
-        h, p, n = self.nheads, self.head_dim, self.d_state
-        # 1. Project and split.
-        zxbcdt = self.in_proj(u)  # (B, L, 2 D_in + 2N + H)
-        z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * n, h], dim=-1)
+        n = self.d_state
+        # 1. Project and split (z only at `index` when given).
+        z, xbc, dt = self._project(u, index)  # (B, L, D_in) or (B, D_in), (B, L, D_in + 2N), (B, L, H)
         if self.causal:
             return self._forward_causal(z, xbc, dt, tau, index)
         # 2. Causal depthwise conv + activation, then split into x, B, C (one group).
@@ -133,21 +132,7 @@ class TiSSD(nn.Module):
             q = self._time_scale(tau)  # (B, H, L)
             dt = dt * q.transpose(1, 2)  # (B, L, H)
         # 4. SSD: delta = softplus(dt + dt_bias), S_t = exp(delta A) S_(t-1) + delta x B^T, y = S C + D x.
-        y = ssd_scan(
-            x.reshape(b, length, h, p),  # (B, L, H, P)
-            dt,
-            -torch.exp(self.A_log),  # (H,)
-            bmat.unsqueeze(2),  # (B, L, 1, N)
-            cmat.unsqueeze(2),  # (B, L, 1, N)
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            chunk_size=self.chunk_size,
-            backend=self.ssd_backend,
-        ).reshape(b, length, self.d_inner)  # (B, L, D_in)
-        if index is not None:  # everything below is position-wise
-            rows = torch.arange(b, device=u.device)
-            y, z = y[rows, index], z[rows, index]  # (B, D_in)
+        y = self._scan(x, dt, bmat, cmat, index, dt_bias=self.dt_bias, dt_softplus=True)  # (B, L, D_in) or (B, D_in)
         # 5-6. Gate, RMSNorm over the whole D_in, project out.
         out = self.out_proj(self.norm(y, z))  # (B, L, d) or (B, d)
         # 7. Next time state.
@@ -157,12 +142,37 @@ class TiSSD(nn.Module):
             tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
         return out, tau_next
 
+    def _project(self, u: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj split into z, xBC, dt; with `index`, z (only read position-wise) is projected at index only."""
+        n, h, d_in = self.d_state, self.nheads, self.d_inner
+        if index is None:
+            return torch.split(self.in_proj(u), [d_in, d_in + 2 * n, h], dim=-1)  # (B, L, *)
+        w, bias = self.in_proj.weight, self.in_proj.bias
+        rows = torch.arange(u.shape[0], device=u.device)
+        z = F.linear(u[rows, index], w[:d_in], None if bias is None else bias[:d_in])  # (B, D_in)
+        xbc, dt = torch.split(F.linear(u, w[d_in:], None if bias is None else bias[d_in:]), [d_in + 2 * n, h], -1)
+        return z, xbc, dt
+
+    def _scan(self, x: Tensor, dt: Tensor, bmat: Tensor, cmat: Tensor, index: Tensor | None, **step) -> Tensor:
+        """The SSD over whole sequences, (B, L, D_in), or only at `index` (the last layer: O(L)), (B, D_in)."""
+        b, length = x.shape[:2]
+        args = (
+            x.reshape(b, length, self.nheads, self.head_dim),  # (B, L, H, P)
+            dt,  # (B, L, H)
+            -torch.exp(self.A_log),  # (H,)
+            bmat.unsqueeze(2),  # (B, L, 1, N)
+            cmat.unsqueeze(2),  # (B, L, 1, N)
+        )
+        if index is not None:
+            return ssd_output_at(*args, index, D=self.D, **step).reshape(b, self.d_inner)
+        y = ssd_scan(*args, D=self.D, chunk_size=self.chunk_size, backend=self.ssd_backend, **step)
+        return y.reshape(b, length, self.d_inner)
+
     def _forward_causal(
         self, z: Tensor, xbc: Tensor, dt: Tensor, ctx: TimeContext, index: Tensor | None
     ) -> tuple[Tensor, TimeContext]:
         """Steps 2-6 with padding masked out: zero conv inputs and delta = 0 there, so the state passes unchanged."""
-        b, length, _ = xbc.shape
-        h, p, n = self.nheads, self.head_dim, self.d_state
+        n = self.d_state
         valid = ctx.valid.unsqueeze(-1)  # (B, L, 1)
         xbc = self.act(causal_conv_channels_last(xbc * valid.to(xbc.dtype), self.conv1d))  # (B, L, D_in + 2N)
         x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
@@ -170,19 +180,7 @@ class TiSSD(nn.Module):
             dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
         dtype = torch.promote_types(dt.dtype, torch.float32)  # step sizes in >= float32, like ssd_scan's
         delta = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)) * valid  # (B, L, H), 0 at padding
-        y = ssd_scan(
-            x.reshape(b, length, h, p),  # (B, L, H, P)
-            delta,
-            -torch.exp(self.A_log),  # (H,)
-            bmat.unsqueeze(2),  # (B, L, 1, N)
-            cmat.unsqueeze(2),  # (B, L, 1, N)
-            D=self.D,
-            chunk_size=self.chunk_size,
-            backend=self.ssd_backend,
-        ).reshape(b, length, self.d_inner)  # (B, L, D_in)
-        if index is not None:
-            rows = torch.arange(b, device=y.device)
-            y, z = y[rows, index], z[rows, index]  # (B, D_in)
+        y = self._scan(x, delta, bmat, cmat, index)  # (B, L, D_in) or (B, D_in)
         return self.out_proj(self.norm(y, z)), ctx
 
     def _time_scale(self, tau: Tensor) -> Tensor:
