@@ -1,0 +1,265 @@
+"""One training epoch of a config (default: the ml-100k demo), data loading included, and its data-loading share.
+
+Each variant runs in a fresh process (the CPU runtime settings are per process): the config is read through the
+``tim4rec-pl`` command-line parser exactly as ``tim4rec-pl fit --config ...`` reads it (network, data module, batch
+size, ...), then one epoch is trained by a plain Trainer without validation, checkpoints, loggers or progress bar.
+A callback splits the epoch's wall time into time inside training steps (forward, backward, optimiser) and time
+between them (fetching the next batch from the loader, plus Lightning's loop overhead): the latter is reported as
+the data-loading share. With ``num_workers: 0`` the time spent building batches (``SeqRecDataset.__getitems__``)
+is also measured directly.
+
+Variants (``--variants``, default ``tuned``): ``tuned`` (the CLI's settings), ``untuned`` (``TIM4REC_CPU_TUNING=0``:
+glibc's default malloc and OpenMP's default spinning), ``workers1`` / ``workers2`` (loader worker processes),
+``pin`` (pinned memory, CUDA only), ``compile`` (``model.compile: true``), ``bf16`` (``trainer.precision:
+bf16-mixed``). Variants are interleaved over ``--repeats``. Results: ``benchmarks/results/epoch.json`` and ``.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/epoch.py                                  # the demo, one epoch (~1-3 min on CPU)
+    .venv/bin/python benchmarks/epoch.py --variants tuned untuned workers1 --repeats 2
+    .venv/bin/python benchmarks/epoch.py --config configs/ml-1m.yaml --max-batches 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VARIANTS = {  # name -> (environment, command-line overrides)
+    "tuned": ({}, []),
+    "untuned": ({"TIM4REC_CPU_TUNING": "0"}, []),
+    "workers1": ({}, ["--data.num_workers", "1"]),
+    "workers2": ({}, ["--data.num_workers", "2"]),
+    "pin": ({}, ["--data.pin_memory", "true"]),
+    "compile": ({}, ["--model.compile", "true"]),
+    "bf16": ({}, ["--trainer.precision", "bf16-mixed"]),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "ml-100k.yaml"), help="a tim4rec-pl fit config")
+    p.add_argument("--variants", nargs="+", default=["tuned"], choices=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=1, help="epochs per variant, each in a fresh process")
+    p.add_argument("--max-batches", type=int, default=None, help="stop the epoch after this many batches")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for every variant, e.g. data.batch_size=1024",
+    )
+    p.add_argument("--out", default=str(HERE / "results" / "epoch"), help="output path without extension")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    return p.parse_args(argv)
+
+
+def cli_overrides(args: argparse.Namespace, variant: str) -> list[str]:
+    extra = []
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra += [f"--{key}", value]
+    return ["--config", args.config, *VARIANTS[variant][1], *extra]
+
+
+# --- one epoch, in the child process -----------------------------------------------------------------------------
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import tim4rec_pl.cpu_runtime as runtime  # before torch, as in the CLI
+
+    # isort: split
+    import lightning as L
+    import torch
+
+    from tim4rec_pl.cli import TiM4RecCLI
+    from tim4rec_pl.data.module import SeqRecDataModule, SeqRecDataset
+    from tim4rec_pl.module import SeqRecModule
+
+    cli = TiM4RecCLI(
+        SeqRecModule,
+        SeqRecDataModule,
+        run=False,
+        args=cli_overrides(args, args.child),
+        save_config_callback=None,
+        parser_kwargs={"default_env": False},
+    )
+    model, data = cli.model, cli.datamodule
+    trainer_cfg = cli.config.get("trainer", {})
+
+    getitems = [0.0]
+    original = SeqRecDataset.__getitems__
+
+    def timed_getitems(self, indices):  # direct cost of building batches (main process only: num_workers 0)
+        t = time.perf_counter()
+        try:
+            return original(self, indices)
+        finally:
+            getitems[0] += time.perf_counter() - t
+
+    SeqRecDataset.__getitems__ = timed_getitems
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self.waits: list[float] = []
+            self.samples = 0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.t_epoch = self.t_last = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.t_batch = time.perf_counter()
+            self.waits.append(self.t_batch - self.t_last)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.t_last = time.perf_counter()
+            self.steps.append(self.t_last - self.t_batch)
+            self.samples += len(batch["item_seq"])
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.epoch_s = time.perf_counter() - self.t_epoch
+
+    timer = Timer()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=args.max_batches or 1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=1,
+        precision=trainer_cfg.get("precision") or "32-true",
+        callbacks=[timer],
+    )
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_s = time.perf_counter() - t0
+    wait_s = sum(timer.waits)
+    return {
+        "variant": args.child,
+        "epoch_s": timer.epoch_s,
+        "fit_s": fit_s,
+        "batches": len(timer.steps),
+        "samples": timer.samples,
+        "step_s_total": sum(timer.steps),
+        "step_s_median": statistics.median(timer.steps),
+        "first_step_s": timer.steps[0],
+        "between_steps_s": wait_s,
+        "data_share": wait_s / timer.epoch_s,
+        "getitems_s": getitems[0] if data.hparams.num_workers == 0 else None,
+        "samples_per_s": timer.samples / timer.epoch_s,
+        "batch_size": data.hparams.batch_size,
+        "max_seq_len": data.hparams.max_seq_len,
+        "num_workers": data.hparams.num_workers,
+        "pin_memory": data.hparams.pin_memory,
+        "network": type(model.network).__name__,
+        "is_time": getattr(model.network, "is_time", None),
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+        "tuning": dict(runtime.applied) or "off",
+        "load": [load0, os.getloadavg()[0]],
+    }
+
+
+# --- the parent: variants in fresh processes, a table ------------------------------------------------------------
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    env = {**os.environ, **VARIANTS[variant][0]}
+    if variant != "untuned":
+        env.pop("TIM4REC_CPU_TUNING", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--config", args.config]
+    if args.max_batches:
+        cmd += ["--max-batches", str(args.max_batches)]
+    if args.set:
+        cmd += ["--set", *args.set]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+    first = runs[0]
+    lines = [
+        f"# One training epoch: {Path(result['config']).name}",
+        "",
+        f"{first['network']} (is_time={first['is_time']}), L={first['max_seq_len']}, batch {first['batch_size']}, "
+        f"{first['samples']:,} training samples, {first['device']}, {first['torch_threads']} torch threads; "
+        f"{result['cpu']}, {result['cores']} cores; {result['date']}.",
+        "",
+        "| variant | epoch s | samples/s | median step s | first step s | data + loop share | batch building s "
+        "| load avg (start-end) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        build = f"{r['getitems_s']:.2f}" if r["getitems_s"] is not None else "(workers)"
+        lines.append(
+            f"| {r['variant']} | {r['epoch_s']:.1f} | {r['samples_per_s']:.0f} | {r['step_s_median']:.2f} "
+            f"| {r['first_step_s']:.2f} | {100 * r['data_share']:.1f}% | {build} "
+            f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
+        )
+    if len(result["medians"]) > 1 or any(len(v) > 1 for v in result["by_variant"].values()):
+        lines += [
+            "",
+            "Median epoch seconds per variant: " + ", ".join(f"{k} {v:.1f}" for k, v in result["medians"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return None
+    runs = []
+    for rep in range(args.repeats):
+        for variant in args.variants:
+            r = run_variant(args, variant)
+            runs.append(r)
+            msg = f"{r['epoch_s']:.1f}s, {r['samples_per_s']:.0f} samples/s, data + loop {100 * r['data_share']:.1f}%"
+            print(f"epoch: {variant} (repeat {rep + 1}): {msg}, load {r['load'][0]:.1f}", file=sys.stderr, flush=True)
+    by_variant: dict[str, list[float]] = {}
+    for r in runs:
+        by_variant.setdefault(r["variant"], []).append(r["epoch_s"])
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "runs": runs,
+        "by_variant": by_variant,
+        "medians": {k: statistics.median(v) for k, v in by_variant.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
