@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tim4rec_pl.model.layers import ssd_output_at
+from tim4rec_pl.model.layers import Dropout, ssd_output_at
 from tim4rec_pl.model.tim4rec import TiM4Rec
 
 F64 = torch.float64
@@ -119,3 +119,35 @@ def test_forward_equals_encode_at_the_last_position(kwargs: dict) -> None:
             assert a is None or not a.abs().any(), name
             continue
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_rate_scale_and_gradient(p: float) -> None:
+    drop = Dropout(p)
+    x = torch.rand(400, 2500) + 0.5  # no zeros of its own
+    torch.manual_seed(3)
+    x.requires_grad_()
+    y = drop(x)
+    kept = y != 0
+    p_eff = round(p * 65536) / 65536
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p_eff) < 5 * (p_eff * (1 - p_eff) / x.numel()) ** 0.5  # 5 sigma of a binomial proportion
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p_eff))  # kept elements scaled by exactly 1/(1-p')
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, kept.float() / (1 - p_eff))  # d out / d in is the mask itself
+    # whole rows are not dropped together: the mask is elementwise
+    assert 0.5 * p_eff < (1 - kept.float().mean(0)).mean().item() < 1.5 * p_eff
+
+
+def test_dropout_is_seeded_by_torch_and_inert_in_eval() -> None:
+    drop = Dropout(0.3)
+    x = torch.ones(64, 64)
+    torch.manual_seed(7)
+    a = drop(x)
+    torch.manual_seed(7)
+    b = drop(x)
+    c = drop(x)
+    assert torch.equal(a, b) and not torch.equal(b, c)  # same seed, same mask; the stream moves on
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(Dropout(0.0)(x), x) and not Dropout(1.0)(x).any()

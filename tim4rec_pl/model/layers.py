@@ -1,5 +1,5 @@
-"""Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init, and
-the SSD output at one position (the last layer of a network that reads one position per sequence)."""
+"""Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init, a fast
+CPU dropout, and the SSD output at one position (the last layer of a network that reads one position per sequence)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,49 @@ class GatedRMSNorm(nn.Module):
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` with a faster CPU training path (the same module otherwise: no parameters, same eval behaviour).
+
+    On CPU, torch draws dropout masks with a serial Bernoulli sampler, a large share of a small model's training step
+    (measured: about 3x slower than this path, and ~10% of a TiM4Rec step at L=50). Here each element gets 16 random
+    bits from NumPy's PCG64 generator, seeded from torch's global generator so that `seed_everything` (and a resumed
+    run's restored RNG state) reproduce the masks. An element is dropped with probability p' = round(p * 2^16) / 2^16
+    (within 2^-16 of p) and kept ones are scaled by exactly 1 / (1 - p'), so the expectation is unchanged. Other
+    devices, `inplace`, and torch.compile use `nn.Dropout` itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or self.inplace or x.device.type != "cpu" or _compiling():
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        return _BitsDropout.apply(x, self.p)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+class _BitsDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        import numpy as np
+
+        threshold = round(p * 65536)  # drop when the 16 bits (as an unsigned number) are below it
+        seed = int(torch.randint(0, 2**62, ()))  # from torch's global generator: seeded runs stay reproducible
+        bits = np.random.Generator(np.random.PCG64(seed)).integers(-32768, 32768, x.numel(), dtype=np.int16)
+        keep = torch.from_numpy(bits).view(x.shape) >= threshold - 32768
+        noise = keep.to(x.dtype).mul_(65536 / (65536 - threshold))  # 0 or 1 / (1 - p'), like torch's own mask
+        ctx.save_for_backward(noise)
+        return x * noise
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (noise,) = ctx.saved_tensors
+        return grad * noise, None
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN with a post-norm residual: LayerNorm(Dropout(fc2(Dropout(act(fc1(h))))) + h)."""
 
@@ -92,7 +135,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, inner)
         self.fc2 = nn.Linear(inner, d_model)
         self.activation = activation
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, h: Tensor) -> Tensor:

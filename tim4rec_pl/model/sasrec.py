@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
-from tim4rec_pl.model.layers import init_recsys_weights
+from tim4rec_pl.model.layers import Dropout, init_recsys_weights
 
 
 class SASRecBlock(nn.Module):
@@ -35,7 +35,7 @@ class SASRecBlock(nn.Module):
         self.fc1 = nn.Linear(d_model, inner_size)
         self.fc2 = nn.Linear(inner_size, d_model)
         self.ffn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
         b, length, d = h.shape
@@ -99,7 +99,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)
         self.position_embedding = nn.Embedding(max_seq_len, d_model)
         self.emb_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             SASRecBlock(d_model, num_heads, inner_size, dropout, attn_dropout, norm_eps) for _ in range(num_layers)
         )

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.layers import (
+    Dropout,
     FeedForward,
     GatedRMSNorm,
     causal_conv_channels_first,
@@ -93,10 +94,10 @@ class TiSSD(nn.Module):
             self.conv1d4time_2 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
             self.time_act = nn.Hardswish()
             self.mlp4time_scale = nn.Sequential(
-                nn.Dropout(time_dropout), nn.Linear(length, length), nn.SiLU(), nn.Linear(length, length)
+                Dropout(time_dropout), nn.Linear(length, length), nn.SiLU(), nn.Linear(length, length)
             )
             gate_out = length if p2p_residual else 1
-            self.time_gate_residual = nn.Sequential(nn.Dropout(time_dropout), nn.Linear(length, gate_out), nn.Sigmoid())
+            self.time_gate_residual = nn.Sequential(Dropout(time_dropout), nn.Linear(length, gate_out), nn.Sigmoid())
             self.time_layer_norm = nn.LayerNorm(length, eps=norm_eps)
         self.dt_bias = nn.Parameter(inverse_softplus_dt(h))  # softplus(dt_bias) ~ logU[1e-3, 0.1]
         self.A_log = nn.Parameter(torch.empty(h).uniform_(1, 16).log())  # A = -exp(A_log) in [-16, -1]
@@ -196,7 +197,7 @@ class TiM4RecLayer(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool, **ssd_kwargs):
         super().__init__()
         self.ssd = TiSSD(d_model=d_model, norm_eps=norm_eps, **ssd_kwargs)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.residual = residual  # the reference drops `+ E` when there is a single layer
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, _FFN_EPS, nn.Hardswish()) if is_ffn else None
@@ -277,7 +278,7 @@ class TiM4Rec(nn.Module):
         self.supports_all_positions = self.supports_streaming = time_path == "causal" or not is_time
 
         self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.in_layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         if is_time and time_path == "reference":
             self.layer_norm_time = nn.LayerNorm(max_seq_len, eps=norm_eps)
