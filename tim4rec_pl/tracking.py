@@ -107,6 +107,11 @@ class LogConfigCallback(SaveConfigCallback):
             self._resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         return self._resolved
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.loggers:  # no run folder: don't drop a config.yaml into the working directory
+            self.save_to_log_dir = False
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         params: dict[str, Any] = {"config": self.resolved_config()}
         dm = trainer.datamodule
