@@ -301,24 +301,37 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], machine: dict) -> str:
-    head = ["dataset", "model (training)", "seeds"] + [m.upper().replace("HR", "HR") for m in METRICS]
+def _per_epoch(throughput: dict, row: dict) -> float | None:
+    setting = "tim4rec-causal" if row["setting"] == "tim4rec-causal-10" else row["setting"]
+    entry = throughput.get("settings", {}).get(f"{row['dataset']}:{setting}")
+    return entry["cpu_per_epoch"] if entry else None
+
+
+def markdown(rows: list[dict], machine: dict, throughput: dict) -> str:
+    head = ["dataset", "model (training)", "seeds"] + [m.upper() for m in METRICS]
     head += ["wall s to best val", "CPU s to best val", "epochs to best / run", "wall cap (min)"]
+    head += ["CPU s/epoch side by side", "epochs to best x CPU s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["dataset"], row["setting"], str(len(row["seeds"]))]
         cells += [_fmt(row[m]) for m in METRICS]
         cells += [_fmt(row["wall_to_best"], 0), _fmt(row["cpu_to_best"], 0)]
         cells += [f"{_fmt(row['epochs_to_best'], 2)} / {_fmt(row['epochs_run'], 2)}", _fmt(row["budget_min"], 1)]
+        per_epoch = _per_epoch(throughput, row)
+        cells += [_fmt([per_epoch], 1) if per_epoch else "—"]
+        cells += [_fmt([e * per_epoch for e in row["epochs_to_best"]], 0) if per_epoch else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Machine: {machine['cpu']} ({machine['cores']} cores, torch {machine['torch']}, "
                  f"{machine['threads']} threads); load average during the runs {machine['load']}.")  # fmt: skip
-    lines += ["", *conclusions(rows)]
+    if throughput:
+        lines.append(f"CPU s/epoch: median CPU seconds of {throughput['steps']} training steps per setting, taken in "
+                     f"turn in one process on {throughput['threads']} thread(s), times batches per epoch.")  # fmt: skip
+    lines += ["", *conclusions(rows, throughput)]
     return "\n".join(lines) + "\n"
 
 
-def conclusions(rows: list[dict]) -> list[str]:
+def conclusions(rows: list[dict], throughput: dict) -> list[str]:
     """Per dataset: does the causal path reach the reference's test NDCG@10, and within a tenth of its time?"""
     out = []
     by = {(r["dataset"], r["setting"]): r for r in rows}
@@ -333,10 +346,17 @@ def conclusions(rows: list[dict]) -> list[str]:
                 continue
             ndcg, wall = statistics.fmean(row["ndcg@10"]), statistics.fmean(row["wall_to_best"])
             verdict = "reaches" if ndcg >= ref_ndcg else "does not reach"
-            out.append(
+            line = (
                 f"- {dataset}: {setting} test NDCG@10 {ndcg:.4f} {verdict} tim4rec-ref's {ref_ndcg:.4f}; its best "
-                f"validation came after {wall:.0f} s, {wall / ref_wall:.2f} of the reference's {ref_wall:.0f} s."
+                f"validation came after {wall:.0f} s, {wall / ref_wall:.2f} of the reference's {ref_wall:.0f} s"
             )
+            mine, theirs = _per_epoch(throughput, row), _per_epoch(throughput, ref)
+            if mine and theirs:
+                ratio = (
+                    statistics.fmean(row["epochs_to_best"]) * mine / (statistics.fmean(ref["epochs_to_best"]) * theirs)
+                )
+                line += f"; epochs to best x side-by-side CPU s/epoch: {ratio:.3f} of the reference's"
+            out.append(line + ".")
     return out
 
 
@@ -361,11 +381,84 @@ def report(run_dir: Path, out_dir: Path, name: str) -> None:
     results = [s for f in sorted(run_dir.glob("*/*/seed*")) if (s := summarise_run(f)) is not None]
     rows = aggregate(results)
     machine = machine_info(results)
+    tp_path = out_dir / f"{name.replace('_quick', '')}_throughput.json"
+    throughput = json.loads(tp_path.read_text()) if tp_path.is_file() else {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"machine": machine, "runs": results, "table": rows}, indent=1))
-    text = markdown(rows, machine)
+    payload = {"machine": machine, "runs": results, "table": rows, "throughput": throughput}
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    text = markdown(rows, machine, throughput)
     (out_dir / f"{name}.md").write_text(text)
     print(text, flush=True)
+
+
+def measure_throughput(
+    datasets: list[str], settings: list[str], steps: int, out_dir: Path, quick: bool, threads: int = 1
+) -> dict:
+    """Seconds per training step and per epoch of every setting, measured side by side in one process.
+
+    On a shared machine the runs' own clocks differ by whatever else ran at the time; here every setting takes its
+    steps in turn (round robin, real batches of the real data, Adam), so all of them meet the same load, on one
+    thread, whose CPU seconds measure work rather than OpenMP threads spinning on a busy machine. Multiplied by the
+    epochs a run needed to reach its best validation, this gives a load-independent cost to best.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from tim4rec_pl.data.module import SeqRecDataModule
+    from tim4rec_pl.model.sasrec import SASRec
+    from tim4rec_pl.model.tim4rec import TiM4Rec
+
+    classes = {TIM4REC: TiM4Rec, SASREC: SASRec}
+    torch.set_num_threads(threads)  # one thread: CPU seconds count work, not spinning on a busy machine
+    results: dict = {"threads": threads, "steps": steps, "settings": {}}
+    for dataset in datasets:
+        cfg = yaml.safe_load(CONFIGS[dataset].read_text())
+        length = int(cfg["data"]["max_seq_len"])
+        jobs = {}
+        for setting in settings:
+            cls, init_args, mode = SETTINGS[setting]
+            batch_size = 256 if quick and mode == "prefix" else SCHEDULE[(dataset, mode)]["batch_size"]
+            dm = SeqRecDataModule(dataset=dataset, data_dir=str(ROOT / "data"), max_seq_len=length,
+                                  train_mode=mode, batch_size=batch_size, seed=0)  # fmt: skip
+            dm.setup("fit")
+            loader = dm.train_dataloader()
+            batches = [b for _, b in zip(range(steps + 1), loader)]
+            torch.manual_seed(0)
+            net = classes[cls](dm.num_items, max_seq_len=length, **init_args).train()
+            jobs[setting] = (net, torch.optim.Adam(net.parameters(), lr=1e-3), batches, len(loader), [], [])
+
+        def train_step(net, opt, batch) -> None:
+            inputs = (batch["item_seq"], batch["item_seq_len"], batch["timestamps"])
+            weight = net.item_embedding.weight
+            if "targets" in batch:  # as SeqRecModule.training_step
+                mask = batch["targets"] > 0
+                loss = F.cross_entropy(net.encode(*inputs)[mask] @ weight.T, batch["targets"][mask])
+            else:
+                loss = F.cross_entropy(net(*inputs) @ weight.T, batch["target"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        for r in range(steps + 1):  # round 0 warms up
+            for net, opt, batches, _, walls, cpus in jobs.values():
+                t, c = time.perf_counter(), time.process_time()
+                train_step(net, opt, batches[r % len(batches)])
+                if r:
+                    walls.append(time.perf_counter() - t)
+                    cpus.append(time.process_time() - c)
+            print(f"throughput {dataset}: round {r} done", flush=True)
+        for setting, (_, _, _, per_epoch, walls, cpus) in jobs.items():
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
+            results["settings"][f"{dataset}:{setting}"] = {
+                "wall_per_step": wall, "cpu_per_step": cpu, "batches_per_epoch": per_epoch,
+                "wall_per_epoch": wall * per_epoch, "cpu_per_epoch": cpu * per_epoch,
+            }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare_time_paths_throughput.json"
+    if path.is_file():  # keep other datasets' measurements
+        results["settings"] = {**json.loads(path.read_text()).get("settings", {}), **results["settings"]}
+    path.write_text(json.dumps(results, indent=1))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,9 +468,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run_dir", type=Path, default=None, help="where run folders go (default runs/compare)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--throughput",
+        nargs="*",
+        metavar="DATASET",
+        default=None,
+        help="measure s/step of every setting side by side on these datasets (then report)",
+    )
+    parser.add_argument("--throughput_steps", type=int, default=3, help="timed steps per setting (after 1 warm-up)")
+    parser.add_argument("--throughput_threads", type=int, default=1, help="torch threads for --throughput")
+    args = parser.parse_args(argv)  # fmt: skip
     run_dir = args.run_dir or ROOT / ("runs/compare-quick" if args.quick else "runs/compare")
     name = "compare_time_paths_quick" if args.quick else "compare_time_paths"
+    if args.throughput is not None:
+        settings = [k for k in SETTINGS if k != "tim4rec-causal-10"]
+        datasets = args.throughput or list(CONFIGS)
+        measure_throughput(datasets, settings, args.throughput_steps, args.out, args.quick, args.throughput_threads)
+        args.report_only = True
     if not args.report_only:
         plan = args.plan or (QUICK_PLAN if args.quick else PLAN)
         for spec in plan:
