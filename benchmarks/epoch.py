@@ -18,6 +18,7 @@ Usage::
     .venv/bin/python benchmarks/epoch.py                                  # the demo, one epoch (~1-3 min on CPU)
     .venv/bin/python benchmarks/epoch.py --variants tuned untuned workers1 --repeats 2
     .venv/bin/python benchmarks/epoch.py --config configs/ml-1m.yaml --max-batches 50
+    .venv/bin/python benchmarks/epoch.py --variants tuned bf16 --epochs 3 --validate   # is bf16 as accurate?
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=["tuned"], choices=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=1, help="epochs per variant, each in a fresh process")
     p.add_argument("--max-batches", type=int, default=None, help="stop the epoch after this many batches")
+    p.add_argument("--epochs", type=int, default=1, help="epochs to train (times are reported for the first)")
+    p.add_argument("--validate", action="store_true", help="validate after each epoch (not timed); report metrics")
     p.add_argument(
         "--set",
         nargs="*",
@@ -108,31 +111,46 @@ def run_child(args: argparse.Namespace) -> dict:
     SeqRecDataset.__getitems__ = timed_getitems
 
     class Timer(L.Callback):
+        """Training time per epoch (validation excluded), split into steps and the gaps between them."""
+
         def __init__(self) -> None:
-            self.steps: list[float] = []
-            self.waits: list[float] = []
+            self.steps: list[float] = []  # first epoch only
+            self.waits: list[float] = []  # first epoch only
             self.samples = 0
+            self.epochs: list[float] = []
+            self.val: list[dict] = []
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.t_epoch = self.t_last = time.perf_counter()
+            self.val_s = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.t_batch = time.perf_counter()
-            self.waits.append(self.t_batch - self.t_last)
+            if not self.epochs:
+                self.waits.append(self.t_batch - self.t_last)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.t_last = time.perf_counter()
-            self.steps.append(self.t_last - self.t_batch)
-            self.samples += len(batch["item_seq"])
+            if not self.epochs:
+                self.steps.append(self.t_last - self.t_batch)
+                self.samples += len(batch["item_seq"])
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.t_val = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.val_s += time.perf_counter() - self.t_val
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.val.append({"epoch": trainer.current_epoch, **metrics})
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.epoch_s = time.perf_counter() - self.t_epoch
+            self.epochs.append(time.perf_counter() - self.t_epoch - self.val_s)
 
     timer = Timer()
     trainer = L.Trainer(
-        max_epochs=1,
+        max_epochs=args.epochs,
         limit_train_batches=args.max_batches or 1.0,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if args.validate else 0,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
@@ -150,7 +168,9 @@ def run_child(args: argparse.Namespace) -> dict:
     wait_s = sum(timer.waits)
     return {
         "variant": args.child,
-        "epoch_s": timer.epoch_s,
+        "epoch_s": timer.epochs[0],
+        "epochs_s": timer.epochs,
+        "val": timer.val,
         "fit_s": fit_s,
         "batches": len(timer.steps),
         "samples": timer.samples,
@@ -158,9 +178,9 @@ def run_child(args: argparse.Namespace) -> dict:
         "step_s_median": statistics.median(timer.steps),
         "first_step_s": timer.steps[0],
         "between_steps_s": wait_s,
-        "data_share": wait_s / timer.epoch_s,
+        "data_share": wait_s / timer.epochs[0],
         "getitems_s": getitems[0] if data.hparams.num_workers == 0 else None,
-        "samples_per_s": timer.samples / timer.epoch_s,
+        "samples_per_s": timer.samples / timer.epochs[0],
         "batch_size": data.hparams.batch_size,
         "max_seq_len": data.hparams.max_seq_len,
         "num_workers": data.hparams.num_workers,
@@ -184,6 +204,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--config", args.config]
     if args.max_batches:
         cmd += ["--max-batches", str(args.max_batches)]
+    cmd += ["--epochs", str(args.epochs)] + (["--validate"] if args.validate else [])
     if args.set:
         cmd += ["--set", *args.set]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -213,6 +234,15 @@ def markdown(result: dict) -> str:
             f"| {r['first_step_s']:.2f} | {100 * r['data_share']:.1f}% | {build} "
             f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
         )
+    if any(r["val"] for r in runs):
+        lines += ["", "Validation after each epoch (not timed): NDCG@10 / HR@10", ""]
+        lines += ["| variant | " + " | ".join(f"epoch {v['epoch']}" for v in runs[0]["val"]) + " |"]
+        lines += ["|---|" + "---|" * len(runs[0]["val"])]
+        for r in runs:
+            cells = [
+                f"{v.get('val/ndcg@10', float('nan')):.4f} / {v.get('val/hr@10', float('nan')):.4f}" for v in r["val"]
+            ]
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     if len(result["medians"]) > 1 or any(len(v) > 1 for v in result["by_variant"].values()):
         lines += [
             "",
