@@ -11,7 +11,10 @@ is also measured directly.
 Variants (``--variants``, default ``tuned``): ``tuned`` (the CLI's settings), ``untuned`` (``TIM4REC_CPU_TUNING=0``:
 glibc's default malloc and OpenMP's default spinning), ``workers1`` / ``workers2`` (loader worker processes),
 ``pin`` (pinned memory, CUDA only), ``compile`` (``model.compile: true``), ``bf16`` (``trainer.precision:
-bf16-mixed``). Variants are interleaved over ``--repeats``. Results: ``benchmarks/results/epoch.json`` and ``.md``.
+bf16-mixed``). With ``--recbole-python`` (an interpreter with recbole==1.2.1, e.g. the environment that
+``data_prep.py`` describes), ``recbole-sasrec`` and ``recbole-sasrec-untuned`` time one epoch of RecBole's own SASRec
+on the same data set, window and batch, with our CPU settings passed as environment variables and without them.
+Variants are interleaved over ``--repeats``. Results: ``benchmarks/results/epoch.json`` and ``.md``.
 
 Usage::
 
@@ -19,6 +22,8 @@ Usage::
     .venv/bin/python benchmarks/epoch.py --variants tuned untuned workers1 --repeats 2
     .venv/bin/python benchmarks/epoch.py --config configs/ml-1m.yaml --max-batches 50
     .venv/bin/python benchmarks/epoch.py --variants tuned bf16 --epochs 3 --validate   # is bf16 as accurate?
+    .venv/bin/python benchmarks/epoch.py --variants tuned recbole-sasrec recbole-sasrec-untuned \\
+        --recbole-python /tmp/rbenv/bin/python
 """
 
 from __future__ import annotations
@@ -43,12 +48,43 @@ VARIANTS = {  # name -> (environment, command-line overrides)
     "compile": ({}, ["--model.compile", "true"]),
     "bf16": ({}, ["--trainer.precision", "bf16-mixed"]),
 }
+# RecBole 1.2.1's SASRec on the same data, window and batch (needs --recbole-python): with the same CPU settings as
+# ours (environment variables), and with none.
+RECBOLE_VARIANTS = ("recbole-sasrec", "recbole-sasrec-untuned")
+
+# Runs in the RecBole interpreter: one training epoch of RecBole's SASRec (its defaults: d 64, 2 layers, 2 heads,
+# dropout 0.5, CE loss over all items) on the data set under data_path, timed around Trainer._train_epoch.
+_RECBOLE_SCRIPT = """
+import json, os, sys, time
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+data_path, dataset, length, batch, out_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+config = Config(model="SASRec", dataset=dataset, config_dict={
+    "data_path": data_path, "epochs": 1, "train_batch_size": batch, "MAX_ITEM_LIST_LENGTH": length,
+    "train_neg_sample_args": None, "loss_type": "CE", "show_progress": False, "seed": 42,
+    "checkpoint_dir": out_dir, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "user_inter_num_interval": "[5,inf)", "item_inter_num_interval": "[5,inf)"})
+init_seed(config["seed"], config["reproducibility"])
+train, valid, test = data_preparation(config, create_dataset(config))
+trainer = Trainer(config, SASRec(config, train.dataset).to(config["device"]))
+import torch
+load0 = os.getloadavg()[0]
+t = time.perf_counter()
+trainer._train_epoch(train, 0, show_progress=False)
+epoch_s = time.perf_counter() - t
+print(json.dumps({"epoch_s": epoch_s, "samples": len(train.dataset), "torch_threads": torch.get_num_threads(),
+                  "load": [load0, os.getloadavg()[0]]}))
+"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "ml-100k.yaml"), help="a tim4rec-pl fit config")
-    p.add_argument("--variants", nargs="+", default=["tuned"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["tuned"], choices=[*VARIANTS, *RECBOLE_VARIANTS])
+    p.add_argument("--recbole-python", default=None, help="a Python with recbole==1.2.1 (for the recbole-* variants)")
     p.add_argument("--repeats", type=int, default=1, help="epochs per variant, each in a fresh process")
     p.add_argument("--max-batches", type=int, default=None, help="stop the epoch after this many batches")
     p.add_argument("--epochs", type=int, default=1, help="epochs to train (times are reported for the first)")
@@ -197,7 +233,70 @@ def run_child(args: argparse.Namespace) -> dict:
 # --- the parent: variants in fresh processes, a table ------------------------------------------------------------
 
 
+def data_settings(args: argparse.Namespace) -> dict:
+    """The config's data set, data folder, window and batch (with --set overrides), for the RecBole run."""
+    import yaml
+
+    data = (yaml.safe_load(Path(args.config).read_text()) or {}).get("data", {}) or {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key.startswith("data."):
+            data[key[5:]] = yaml.safe_load(value)
+    return {
+        "dataset": data.get("dataset", "ml-100k"),
+        "data_dir": data.get("data_dir", "data"),
+        "max_seq_len": int(data.get("max_seq_len", 50)),
+        "batch_size": int(data.get("batch_size", 2048)),
+    }
+
+
+def run_recbole(args: argparse.Namespace, variant: str) -> dict:
+    import tempfile
+
+    from tim4rec_pl import cpu_runtime
+
+    if not args.recbole_python or not Path(args.recbole_python).exists():
+        raise SystemExit(f"epoch: variant {variant} needs --recbole-python (an interpreter with recbole==1.2.1)")
+    d = data_settings(args)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_WAIT", "TIM4REC_CPU"))}
+    if variant == "recbole-sasrec":
+        env.update(cpu_runtime.environment())
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            args.recbole_python,
+            "-c",
+            _RECBOLE_SCRIPT,
+            str(ROOT / d["data_dir"]),
+            d["dataset"],
+            str(d["max_seq_len"]),
+            str(d["batch_size"]),
+            tmp,
+        ]
+        out = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-4000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "variant": variant,
+        "network": "RecBole SASRec",
+        "is_time": False,
+        "max_seq_len": d["max_seq_len"],
+        "batch_size": d["batch_size"],
+        "device": "cpu",
+        "samples_per_s": r["samples"] / r["epoch_s"],
+        "step_s_median": None,
+        "first_step_s": None,
+        "data_share": None,
+        "getitems_s": None,
+        "val": [],
+        "tuning": cpu_runtime.environment() if variant == "recbole-sasrec" else "off",
+        **r,
+    }
+
+
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    if variant in RECBOLE_VARIANTS:
+        return run_recbole(args, variant)
     env = {**os.environ, **VARIANTS[variant][0]}
     if variant != "untuned":
         env.pop("TIM4REC_CPU_TUNING", None)
@@ -215,7 +314,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    first = runs[0]
+    first = next((r for r in runs if r["variant"] not in RECBOLE_VARIANTS), runs[0])
     lines = [
         f"# One training epoch: {Path(result['config']).name}",
         "",
@@ -228,17 +327,24 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        if r["variant"] in RECBOLE_VARIANTS:
+            lines.append(
+                f"| {r['variant']} ({r['network']}) | {r['epoch_s']:.1f} | {r['samples_per_s']:.0f} | - | - "
+                f"| - | - | {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
+            )
+            continue
         build = f"{r['getitems_s']:.2f}" if r["getitems_s"] is not None else "(workers)"
         lines.append(
             f"| {r['variant']} | {r['epoch_s']:.1f} | {r['samples_per_s']:.0f} | {r['step_s_median']:.2f} "
             f"| {r['first_step_s']:.2f} | {100 * r['data_share']:.1f}% | {build} "
             f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
         )
-    if any(r["val"] for r in runs):
+    validated = [r for r in runs if r["val"]]
+    if validated:
         lines += ["", "Validation after each epoch (not timed): NDCG@10 / HR@10", ""]
-        lines += ["| variant | " + " | ".join(f"epoch {v['epoch']}" for v in runs[0]["val"]) + " |"]
-        lines += ["|---|" + "---|" * len(runs[0]["val"])]
-        for r in runs:
+        lines += ["| variant | " + " | ".join(f"epoch {v['epoch']}" for v in validated[0]["val"]) + " |"]
+        lines += ["|---|" + "---|" * len(validated[0]["val"])]
+        for r in validated:
             cells = [
                 f"{v.get('val/ndcg@10', float('nan')):.4f} / {v.get('val/hr@10', float('nan')):.4f}" for v in r["val"]
             ]
@@ -261,7 +367,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         for variant in args.variants:
             r = run_variant(args, variant)
             runs.append(r)
-            msg = f"{r['epoch_s']:.1f}s, {r['samples_per_s']:.0f} samples/s, data + loop {100 * r['data_share']:.1f}%"
+            share = f"{100 * r['data_share']:.1f}%" if r["data_share"] is not None else "-"
+            msg = f"{r['epoch_s']:.1f}s, {r['samples_per_s']:.0f} samples/s, data + loop {share}"
             print(f"epoch: {variant} (repeat {rep + 1}): {msg}, load {r['load'][0]:.1f}", file=sys.stderr, flush=True)
     by_variant: dict[str, list[float]] = {}
     for r in runs:

@@ -270,7 +270,9 @@ def memory_supported(device) -> bool:
         return False
 
 
-def activation_memory(variant: Variant, net, fn, opt, batch: dict, size: int, device) -> tuple[float, float]:
+def activation_memory(
+    variant: Variant, net, fn, opt, batch: dict, size: int, infer_size: int, device
+) -> tuple[float, float]:
     """Peak bytes per sample above the resting state: a training micro-batch (gradient buffers already allocated,
     as for every micro-batch after a step's first), and an inference batch."""
     n = len(batch["target"])
@@ -281,8 +283,8 @@ def activation_memory(variant: Variant, net, fn, opt, batch: dict, size: int, de
         train_micro(variant, net, fn, mb, n)
     opt.zero_grad(set_to_none=True)
     with PeakMemory(device) as m_infer:
-        time_infer(variant, net, fn, mb, size, 1, Clock(device))
-    return m_train.peak / size, m_infer.peak / size
+        time_infer(variant, net, fn, chunk(batch, 0, infer_size), infer_size, 1, Clock(device))
+    return m_train.peak / size, m_infer.peak / infer_size
 
 
 def bench_length(variants: list[Variant], length: int, args: argparse.Namespace, device, log) -> None:
@@ -298,9 +300,11 @@ def bench_length(variants: list[Variant], length: int, args: argparse.Namespace,
         t = time.perf_counter()
         time_train(v, net, fn, opt, batch, probe, 1, clock)
         if mem_ok:
-            memory[v.name] = activation_memory(v, net, fn, opt, batch, probe, device)
+            memory[v.name] = activation_memory(v, net, fn, opt, batch, probe, probe, device)  # to size micro-batches
         per_train, per_infer = memory.get(v.name, (length * 20e3, length * 5e3))  # rough fallback, bytes
         sizes[v.name] = (micro_size(args.batch_size, per_train, budget), micro_size(args.batch_size, per_infer, budget))
+        if mem_ok:  # what is reported: the memory at the micro-batch sizes the run uses
+            memory[v.name] = activation_memory(v, net, fn, opt, batch, *sizes[v.name], device)
         time_train(v, net, fn, opt, batch, sizes[v.name][0], 1, clock)
         time_infer(v, net, fn, batch, sizes[v.name][1], 1, clock)
         built[v.name] = (net, fn, opt)
@@ -340,7 +344,7 @@ def bench_length(variants: list[Variant], length: int, args: argparse.Namespace,
         if v.name in memory:
             run["train_mib_per_sample"] = memory[v.name][0] / 2**20
             run["infer_mib_per_seq"] = memory[v.name][1] / 2**20
-            run["memory_probe_batch"] = probe
+            run["memory_probe_batch"] = probe  # the micro-batch that sized the others
         v.runs[length] = run
     del built, batch
     gc.collect()

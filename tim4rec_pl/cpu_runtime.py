@@ -63,6 +63,12 @@ def configure(environ: os._Environ | dict[str, str] | None = None) -> dict[str, 
     return done
 
 
+def environment() -> dict[str, str]:
+    """The settings as environment variables, for a process that does not import this module (e.g. another tool
+    measured side by side under the same settings)."""
+    return {**OMP_SETTINGS, **{name: str(value) for name, (_, value) in _MALLOC_SETTINGS.items()}}
+
+
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
