@@ -5,12 +5,17 @@ measured with ``benchmarks/speed.py`` and ``benchmarks/epoch.py`` (see benchmark
 
 1. ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning. With the default policy, torch's
    worker threads busy-wait for the next parallel region; when the cores are shared with other processes they
-   burn the time slices the working thread needs, and a training step gets 3-5x slower on a loaded 2-core machine.
-   GNU OpenMP reads the variable once, when torch loads it, so this module must be imported before torch.
+   burn the time slices the working thread needs. Measured on a 2-core machine (TiM4Rec training step): 2x faster
+   with one other busy process, 4-5x at load average 5, about 10% slower on an otherwise idle machine (waking a
+   sleeping thread costs more than finding it spinning); ``OMP_WAIT_POLICY=ACTIVE`` restores spinning for
+   dedicated machines. GNU OpenMP reads the variable once, when torch loads it, so this module must be imported
+   before torch.
 2. glibc malloc keeps large buffers (the equivalent of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
-   MALLOC_TOP_PAD_=1073741824``): by default every buffer above a few MiB is a fresh ``mmap`` that is unmapped
-   when freed, so each training step page-faults all its large activations again (the cost grows with the
-   batch). Applied in-process with ``mallopt`` (works after start-up, too) and exported for child processes.
+   MALLOC_TOP_PAD_=1073741824``): by default every buffer above the mmap threshold (which adapts, but never
+   beyond 32 MiB) is a fresh ``mmap`` that is unmapped when freed, so each step page-faults its large activations
+   again and the cost grows with the batch (600,000 page faults and ~1 s of kernel time per step at batch 2048,
+   L = 50). Applied in-process with ``mallopt`` (works after start-up, too) and exported for child processes. The
+   process keeps its peak heap.
 
 A variable the user has set already wins; ``TIM4REC_CPU_TUNING=0`` switches all of this off. Nothing happens on
 platforms without GNU OpenMP / glibc beyond setting the (then harmless) environment variables.
