@@ -3,36 +3,27 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def write_fixture(path: Path, users: int = 40, items: int = 30, seed: int = 0) -> Path:
-    """A RecBole atomic file in which every user and item survives the 5-core filter."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(users):
-        n = int(rng.integers(8, 16))
-        chosen = rng.choice(items, size=n, replace=True)
-        t0 = 1_000_000_000 + int(rng.integers(0, 10_000_000))
-        times = t0 + np.cumsum(rng.integers(0, 5000, size=n))
-        rows += [(f"u{u}", f"i{i}", 3.0, int(t)) for i, t in zip(chosen, times)]
-    # make sure every item has at least 5 interactions
-    for i in range(items):
-        for k in range(5):
-            rows.append((f"u{k}", f"i{i}", 1.0, 1_100_000_000 + 10 * i + k))
-    with path.open("w") as f:
-        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-        for r in rows:
-            f.write("\t".join(map(str, r)) + "\n")
-    return path
+def _load_tiny_runs():
+    """The tiny-fixture writer lives in notebooks/make_tiny_runs.py (a script users run too); share it, not copy it."""
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "make_tiny_runs.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_fixture = _load_tiny_runs().write_fixture  # a RecBole atomic file in which every user and item survives 5-core
 
 
 def write_config(tmp: Path, data_file: Path, max_epochs: int = 2) -> Path:
