@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--throughput_steps", type=int, default=3, help="timed steps per setting (after 1 warm-up)")
     parser.add_argument("--throughput_threads", type=int, default=1, help="torch threads for --throughput")
     args = parser.parse_args(argv)  # fmt: skip
-    run_dir = args.run_dir or ROOT / ("runs/compare-quick" if args.quick else "runs/compare")
+    run_dir = (args.run_dir or ROOT / ("runs/compare-quick" if args.quick else "runs/compare")).resolve()
     name = "compare_time_paths_quick" if args.quick else "compare_time_paths"
     if args.throughput is not None:
         settings = [k for k in SETTINGS if k != "tim4rec-causal-10"]
