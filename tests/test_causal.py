@@ -136,10 +136,17 @@ def test_gap_features_hand_computed():
 
 
 # ------------------------------------------------------------------------------------- causality and padding
-def test_output_at_t_ignores_everything_after_t():
+@pytest.mark.parametrize("grad", [True, False])
+def test_output_at_t_ignores_everything_after_t(grad):
+    """Training (autograd) is causal to the last bit. Inference (no autograd: the factorised scan, whose per-chunk
+    scale and block choice see the whole chunk) is causal up to float32 rounding."""
     net = causal_net()
     items, lens, ts = batch([12, 12, 9], 12, seed=2)
-    with torch.no_grad():
+
+    def same(a, b):
+        return torch.equal(a, b) if grad else torch.allclose(a, b, rtol=0, atol=1e-5)
+
+    with torch.set_grad_enabled(grad):
         base = net.encode(items, lens, ts)
         for t in (0, 3, 7, 10):
             gen = torch.Generator().manual_seed(t)
@@ -148,7 +155,7 @@ def test_output_at_t_ignores_everything_after_t():
             later_ts[:, t + 1 :] = later_ts[:, t + 1 :] + torch.rand(later_ts[:, t + 1 :].shape, generator=gen) * 1e5
             for new_items, new_ts in ((later_items, ts), (items, later_ts)):
                 out = net.encode(new_items, lens, new_ts)
-                assert torch.equal(out[:, : t + 1], base[:, : t + 1])
+                assert same(out[:, : t + 1], base[:, : t + 1]), (out[:, : t + 1] - base[:, : t + 1]).abs().max()
                 assert not torch.allclose(out[:2, t + 1 :], base[:2, t + 1 :], atol=1e-4)  # later ones do change
 
 
@@ -164,7 +171,7 @@ def test_timestamps_matter_through_gaps_only():
         stretched = ts.clone()
         stretched[:, 4:] += 86400.0 * real[:, 4:]  # one gap longer by a day
         out = net.encode(items, lens, stretched)
-    assert torch.equal(out[:, :4], base[:, :4])
+    assert torch.allclose(out[:, :4], base[:, :4], rtol=0, atol=1e-5)  # to float32 rounding (inference scan)
     assert (out[:, 4] - base[:, 4]).abs().max() > 1e-3
 
 

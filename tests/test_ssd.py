@@ -106,6 +106,58 @@ def test_float32_matches_float64_recurrence(length: int, g: int, D: str | None, 
     assert (final.double() - final_ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("length", [1, 7, 50, 77, 200, 1024])
+@pytest.mark.parametrize(
+    "g, D, initial_state", [(1, "h", False), (1, None, True), (2, "hp", True)], ids=["D", "init", "groups"]
+)
+def test_inference_and_autograd_paths_match_the_recurrence(
+    length: int, g: int, D: str | None, initial_state: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd the factorised inference scan runs; with it, the autograd one: both equal the definition."""
+    calls = []
+    real = ssd._scan_inference
+    monkeypatch.setattr(ssd, "_scan_inference", lambda *a: calls.append(a[7]) or real(*a))
+    inputs = make_inputs(length=length, g=g, D=D, initial_state=initial_state, dtype=torch.float32)
+    y_ref, final_ref = recurrence(**as64(inputs))
+    with torch.no_grad():
+        y_inf, final_inf = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    assert len(calls) == 1
+    grad_inputs = dict(inputs, x=inputs["x"].clone().requires_grad_())
+    y_ag, final_ag = ssd_scan(**grad_inputs, dt_softplus=True, return_final_state=True)
+    assert len(calls) == 1 and y_ag.requires_grad  # autograd never takes the inference path
+    for y, final in ((y_inf, final_inf), (y_ag, final_ag)):
+        assert (y.double() - y_ref).abs().max() < 1e-5
+        assert (final.double() - final_ref).abs().max() < 1e-5
+
+
+def test_inference_path_shortens_blocks_then_falls_back_when_decays_spread_wide(monkeypatch: pytest.MonkeyPatch):
+    """Steps of ~30 spread a block's log-decays over thousands: the factorised path declines (its factors would
+    leave float32's range) and the exact path gives the answer; the result stays accurate and finite."""
+    inputs = make_inputs(length=120, dt_scale=30.0, initial_state=True, dtype=torch.float32)
+    blocks = []
+    real = ssd._scan_inference
+    monkeypatch.setattr(ssd, "_scan_inference", lambda *a: blocks.append(a[7]) or real(*a))
+    y_ref, final_ref = recurrence(**as64(inputs))
+    with torch.no_grad():
+        y, final = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    assert blocks == [40, 20, 10]  # each declined
+    assert (y.double() - y_ref).abs().max() < 1e-4 * y_ref.abs().max()
+    assert (final.double() - final_ref).abs().max() < 1e-4 * final_ref.abs().max()
+    blocks.clear()
+    gentle = make_inputs(length=120, dt_scale=1.0, dtype=torch.float32)
+    with torch.no_grad():
+        ssd_scan(**gentle, dt_softplus=True)
+    assert blocks == [40]  # accepted at once
+
+
+def test_inference_block_rule() -> None:
+    """Blocks of about 48 positions, a divisor of the length when one is near (no padded copies)."""
+    rule = ssd._inference_block
+    assert [rule(n, 32) for n in (1, 5, 50, 67, 200, 800, 3200)] == [1, 5, 50, 67, 50, 50, 50]
+    assert rule(199, 32) == 50 and rule(77, 32) == 39  # no divisor near: balanced blocks, the last one padded
+    assert rule(1000, 100) == 100
+
+
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("length", [33, 100])
 def test_small_blocks_match_recurrence(length: int) -> None:
