@@ -355,3 +355,59 @@ def test_wrong_sequence_length_is_a_user_error():
         SASRec(10, max_seq_len=4, d_model=16)(seq, lens, ts)
     with pytest.raises(UserError, match="num_heads"):
         SASRec(10, d_model=16, num_heads=3)
+
+
+# ------------------------------------------------------------------------------------ the inference fast path
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(is_time=False), dict(time_path="causal"), dict(num_layers=1), dict(num_layers=3, is_ffn=False)],
+    ids=["reference", "ssd4rec", "causal", "one-layer", "three-layers"],
+)
+def test_inference_equals_the_training_computation(kwargs):
+    """Without autograd the first layer reads its input projection from a per-item table and the scan runs the
+    factorised inference path; scores equal the training-mode computation (autograd on, table off)."""
+    seq, lens, ts = make_batch([12, 7, 1, 12], 12, 40, seed=3)
+    torch.manual_seed(1)
+    model = TiM4Rec(40, max_seq_len=12, d_model=16, d_state=8, head_dim=8, chunk_size=4, **kwargs).eval()
+    slow = model.score_all(seq, lens, ts)  # autograd on: no table, the autograd scan
+    assert slow.requires_grad and "_item_table_cache" not in model.__dict__
+    with torch.inference_mode():
+        fast = model.score_all(seq, lens, ts)
+    assert "_item_table_cache" in model.__dict__
+    assert (fast - slow.detach()).abs().max() < 1e-5 * slow.abs().max()
+
+
+def test_inference_item_table_follows_weight_updates_and_is_never_saved():
+    seq, lens, ts = make_batch([9, 4], 9, 25, seed=4)
+    torch.manual_seed(2)
+    model = TiM4Rec(25, max_seq_len=9, d_model=16, d_state=8, head_dim=8, chunk_size=4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            fast = model.score_all(seq, lens, ts)
+        assert torch.allclose(fast, model.score_all(seq, lens, ts).detach(), atol=1e-5)
+        model.train()
+        opt.zero_grad()
+        model.score_all(seq, lens, ts).logsumexp(-1).sum().backward()
+        opt.step()  # updates every weight in place: the cached table is stale now
+    with torch.no_grad():
+        model.item_embedding.weight[3] += 1.0  # a direct in-place edit is seen too
+        model.eval()
+        fast = model.score_all(seq, lens, ts)
+    assert torch.allclose(fast, model.score_all(seq, lens, ts).detach(), atol=1e-5)
+    assert not any("table" in k for k in model.state_dict())
+
+
+def test_no_item_table_for_huge_catalogues_or_under_autocast(monkeypatch):
+    import tim4rec_pl.model.tim4rec as tim
+
+    seq, lens, ts = make_batch([6, 3], 6, 30)
+    model = TiM4Rec(30, max_seq_len=6, d_model=16, d_state=8, head_dim=8).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(seq, lens, ts)
+    assert "_item_table_cache" not in model.__dict__
+    monkeypatch.setattr(tim, "_ITEM_TABLE_BYTES", 1000)
+    with torch.no_grad():
+        model(seq, lens, ts)
+    assert "_item_table_cache" not in model.__dict__

@@ -80,6 +80,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # inference: the same arithmetic, in place on fresh buffers
+            g = y * F.silu(z)
+            return g.mul_(g.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()).mul_(self.weight)
         y = y * F.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
@@ -216,10 +219,23 @@ def ssd_output_at(
         suffix = dA.flip(1).cumsum(1).flip(1)  # (b, L, H): sum of dA over [s, t]
         log_decay = F.pad(suffix[:, 1:], (0, 0, 0, 1))  # (b, L, H): over (s, t], from s to the output position
         decay = log_decay.clamp(min=-50.0).exp().masked_fill(after, 0.0)  # (b, L, H)
-        cb = torch.einsum("blgn,bgn->blg", B.to(dtype), C[rows, index].to(dtype))  # (b, L, G): C_t . B_s
+        cb = (B.to(dtype) * C[rows, index].to(dtype)[:, None]).sum(-1)  # (b, L, G): C_t . B_s
         weight = decay * delta * cb.repeat_interleave(h // B.shape[2], dim=2)  # (b, L, H)
-        y = (x.to(dtype) * weight[..., None]).sum(1)  # (b, H, P)
+        y = _weighted_sum(weight, x.to(dtype))  # (b, H, P)
         if D is not None:
             skip = D.to(dtype)
             y = y + x[rows, index].to(dtype) * (skip[:, None] if skip.dim() == 1 else skip)
     return y.to(x.dtype)
+
+
+def _weighted_sum(weight: Tensor, x: Tensor) -> Tensor:
+    """sum_l weight[b, l, h] x[b, l, h, :], (b, L, H) and (b, L, H, P) -> (b, H, P).
+
+    For a few heads one batched matmul over all head pairs, (H, L) @ (L, H P), keeping the diagonal blocks, is
+    about 2x faster on CPU than the direct contraction (which reshuffles x first), the wasted pairs included.
+    """
+    b, length, h, p = x.shape
+    if h > 8 or x.stride(-1) != 1 or x.stride(-2) != p:
+        return torch.einsum("blh,blhp->bhp", weight, x)
+    pairs = torch.matmul(weight.transpose(1, 2), x.reshape(b, length, h * p))  # (b, H, H P), x read in place
+    return pairs.view(b, h, h, p).diagonal(dim1=1, dim2=2).transpose(1, 2)  # (b, H, P)
