@@ -130,6 +130,15 @@ class _BitsDropout(torch.autograd.Function):
         return grad * noise, None
 
 
+def inplace_activation(act: nn.Module, x: Tensor) -> Tensor:
+    """`act(x)`, written into x for the activations that have an in-place form (x must be a fresh buffer)."""
+    fn = _INPLACE.get(type(act))
+    return fn(x, inplace=True) if fn is not None else act(x)
+
+
+_INPLACE = {nn.Hardswish: F.hardswish, nn.SiLU: F.silu, nn.ReLU: F.relu}
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN with a post-norm residual: LayerNorm(Dropout(fc2(Dropout(act(fc1(h))))) + h)."""
 
@@ -142,6 +151,9 @@ class FeedForward(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, h: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # inference: the same arithmetic, in place on fresh buffers
+            out = self.fc2(self.dropout(inplace_activation(self.activation, self.fc1(h))))
+            return self.layer_norm(self.dropout(out).add_(h))
         out = self.fc2(self.dropout(self.activation(self.fc1(h))))
         return self.layer_norm(self.dropout(out) + h)
 

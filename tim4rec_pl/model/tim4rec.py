@@ -34,6 +34,7 @@ from tim4rec_pl.model.layers import (
     causal_conv_channels_first,
     causal_conv_channels_last,
     init_recsys_weights,
+    inplace_activation,
     inverse_softplus_dt,
     ssd_output_at,
 )
@@ -131,7 +132,7 @@ class TiSSD(nn.Module):
         if self.causal:
             return self._forward_causal(z, xbc, dt, tau, index)
         # 2. Causal depthwise conv + activation, then split into x, B, C (one group).
-        xbc = self.act(causal_conv_channels_last(xbc, self.conv1d))  # (B, L, D_in + 2N)
+        xbc = self._act(causal_conv_channels_last(xbc, self.conv1d))  # (B, L, D_in + 2N)
         x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
         # 3. Time-aware step sizes.
         q = None
@@ -145,7 +146,8 @@ class TiSSD(nn.Module):
         # 7. Next time state.
         tau_next = None
         if self.is_time and index is None:
-            gate = self.time_gate_residual(tau)  # (B, H, 1) or (B, H, L)
+            shared = not self.training and tau.shape[1] > 1 and tau.stride(1) == 0
+            gate = self.time_gate_residual(tau[:, :1] if shared else tau)  # (B, H or 1, 1 or L)
             tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
         return out, tau_next
 
@@ -193,7 +195,7 @@ class TiSSD(nn.Module):
         """Steps 2-6 with padding masked out: zero conv inputs and delta = 0 there, so the state passes unchanged."""
         n = self.d_state
         valid = ctx.valid.unsqueeze(-1)  # (B, L, 1)
-        xbc = self.act(causal_conv_channels_last(xbc * valid.to(xbc.dtype), self.conv1d))  # (B, L, D_in + 2N)
+        xbc = self._act(causal_conv_channels_last(xbc * valid.to(xbc.dtype), self.conv1d))  # (B, L, D_in + 2N)
         x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
         if self.is_time:
             dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
@@ -202,9 +204,17 @@ class TiSSD(nn.Module):
         y = self._scan(x, delta, bmat, cmat, index)  # (B, L, D_in) or (B, D_in)
         return self.out_proj(self.norm(y, z)), ctx
 
+    def _act(self, x: Tensor) -> Tensor:
+        """The convolution's activation; in place without autograd (x is the convolution's fresh output)."""
+        return self.act(x) if torch.is_grad_enabled() else inplace_activation(self.act, x)
+
     def _time_scale(self, tau: Tensor) -> Tensor:
         """SPEC §3 TiSSD step 3: q = act(conv_t2(act(conv_t1(tau * MLP_L(tau))))), all (B, H, L)."""
-        q = tau * self.mlp4time_scale(tau)  # (B, H, L); the MLP mixes positions
+        if not self.training and tau.shape[1] > 1 and tau.stride(1) == 0:  # the first layer's heads share tau
+            one = tau[:, :1]  # (B, 1, L): the MLP once instead of once per identical head
+            q = (one * self.mlp4time_scale(one)).expand_as(tau)  # (B, H, L)
+        else:
+            q = tau * self.mlp4time_scale(tau)  # (B, H, L); the MLP mixes positions
         q = self.time_act(causal_conv_channels_first(q, self.conv1d4time_1))  # (B, H, L)
         return self.time_act(causal_conv_channels_first(q, self.conv1d4time_2))  # (B, H, L)
 
@@ -230,7 +240,8 @@ class TiM4RecLayer(nn.Module):
         out, tau = self.ssd(h, tau, index, projected)  # (B, L, d) or (B, d)
         out = self.dropout(out)
         if self.residual:
-            out = out + (h if index is None else h[torch.arange(h.shape[0], device=h.device), index])
+            skip = h if index is None else h[torch.arange(h.shape[0], device=h.device), index]
+            out = out + skip if torch.is_grad_enabled() else out.add_(skip)  # out: a fresh buffer
         out = self.layer_norm(out)
         if self.ffn is not None:
             out = self.ffn(out)
