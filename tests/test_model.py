@@ -411,3 +411,35 @@ def test_no_item_table_for_huge_catalogues_or_under_autocast(monkeypatch):
     with torch.no_grad():
         model(seq, lens, ts)
     assert "_item_table_cache" not in model.__dict__
+
+
+def test_batch_parallel_inference_equals_one_call(monkeypatch):
+    """On a multi-threaded CPU, inference runs slices of the batch side by side: same scores, threads restored,
+    and never under autograd."""
+    from tim4rec_pl.model import parallel
+
+    monkeypatch.setattr(parallel, "MIN_TOKENS", 1)
+    used = []
+    real = parallel.run_sliced
+    monkeypatch.setattr(parallel, "run_sliced", lambda fn, ranges, *t: used.append(ranges) or real(fn, ranges, *t))
+    seq, lens, ts = make_batch([12, 7, 1, 12, 5], 12, 40, seed=5)
+    torch.manual_seed(3)
+    model = TiM4Rec(40, max_seq_len=12, d_model=16, d_state=8, head_dim=8, chunk_size=4).eval()
+    with torch.inference_mode():
+        one = model(seq, lens, ts)  # the test runs on one thread: one call
+    assert used == []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            sliced = model(seq, lens, ts)
+        assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+        with torch.no_grad():
+            sliced_no_grad = model(seq, lens, ts)
+        trained = model(seq, lens, ts)  # autograd on: one call
+    finally:
+        torch.set_num_threads(threads)
+    assert used == [[(0, 2), (2, 5)], [(0, 2), (2, 5)]]
+    assert not sliced.requires_grad and trained.requires_grad
+    for out in (sliced, sliced_no_grad, trained.detach()):
+        assert torch.allclose(out, one, atol=1e-5)

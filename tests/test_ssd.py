@@ -169,12 +169,22 @@ def test_small_blocks_match_recurrence(length: int) -> None:
         assert (final - final_ref).abs().max() < 1e-12, chunk
 
 
-def test_batch_slices_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "inference"])
+def test_batch_slices_change_nothing(autograd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = make_inputs(b=5, length=70, g=2, initial_state=True, dtype=torch.float32)
-    whole = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
-    monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
-    assert ssd._slice_rows(inputs["x"], 2, 35) == 1
-    sliced = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    if autograd:
+        inputs["x"].requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the inference path slices the batch on one thread only
+    try:
+        whole = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+        monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(ssd, "_INFERENCE_SLICE_BYTES", 1)
+        assert ssd._slice_rows(inputs["x"], 2, 35) == 1
+        sliced = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert whole[0].requires_grad == autograd
     for a, b in zip(whole, sliced):
         assert (a - b).abs().max() < 1e-6
 

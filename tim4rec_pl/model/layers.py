@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d) -> Tensor:
+def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d, channels: int | None = None) -> Tensor:
     """Causal depthwise convolution of a channels-last sequence with the weights of a depthwise `conv`.
 
     out[:, t, c] = bias[c] + sum_k weight[c, 0, k] * x[:, t - (K - 1) + k, c], with zeros before position 0.
@@ -21,12 +21,13 @@ def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d) -> Tensor:
     Args:
         x: input, (B, L, C); may be a strided slice of a wider tensor.
         conv: a depthwise `nn.Conv1d(C, C, K, groups=C)`; only its weight (C, 1, K) and bias (C,) are used.
+        channels: use only the conv's first `channels` channels (x then has that many).
 
     Returns:
         (B, L, C), contiguous.
     """
-    weight = conv.weight[:, 0, :].t().contiguous()  # (K, C)
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(weight.shape[1])
+    weight = conv.weight[:channels, 0, :].t().contiguous()  # (K, C)
+    bias = conv.bias[:channels] if conv.bias is not None else weight.new_zeros(weight.shape[1])
     return _CausalDepthwiseConv.apply(x, weight, bias)
 
 
@@ -211,7 +212,7 @@ def ssd_output_at(
         dt: raw step sizes, (b, L, H).
         A: negative decay rates, (H,).
         B: input projections, (b, L, G, N).
-        C: output projections, (b, L, G, N).
+        C: output projections, (b, L, G, N), or (b, G, N) already taken at `index`.
         index: the position to read in each sequence, (b,) long.
         D: skip connection, (H,) or (H, P); None for no skip.
         dt_bias: added to dt before the softplus, (H,).
@@ -231,7 +232,8 @@ def ssd_output_at(
         suffix = dA.flip(1).cumsum(1).flip(1)  # (b, L, H): sum of dA over [s, t]
         log_decay = F.pad(suffix[:, 1:], (0, 0, 0, 1))  # (b, L, H): over (s, t], from s to the output position
         decay = log_decay.clamp(min=-50.0).exp().masked_fill(after, 0.0)  # (b, L, H)
-        cb = (B.to(dtype) * C[rows, index].to(dtype)[:, None]).sum(-1)  # (b, L, G): C_t . B_s
+        c_at = C[rows, index] if C.dim() == 4 else C  # (b, G, N)
+        cb = (B.to(dtype) * c_at.to(dtype)[:, None]).sum(-1)  # (b, L, G): C_t . B_s
         weight = decay * delta * cb.repeat_interleave(h // B.shape[2], dim=2)  # (b, L, H)
         y = _weighted_sum(weight, x.to(dtype))  # (b, H, P)
         if D is not None:

@@ -254,8 +254,12 @@ def _scan_inference(
     inter = c > 1 or s0 is not None or need_final
     out = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device)
     final = x.new_empty(b, h, p, n) if need_final else None
+    # Batch slices on one CPU thread (cache-sized, like the autograd path's); several threads share out the whole
+    # batch op by op instead (measured at L = 200, batch 256: 46 ms in 4 MiB slices on one thread; 34 ms whole vs
+    # 41 ms in 16 MiB slices on two).
     per_seq = c * q * (q + 4 * h * p + 2 * n) * x.element_size()  # a slice's main buffers
-    rows = b if x.device.type != "cpu" else max(1, min(b, _SLICE_BYTES * torch.get_num_threads() // per_seq))
+    one_thread = x.device.type == "cpu" and torch.get_num_threads() == 1
+    rows = max(1, min(b, _INFERENCE_SLICE_BYTES // per_seq)) if one_thread else b
     for r in range(0, b, rows):
         sl = slice(r, r + rows)
         state = _inference_slice(
@@ -308,6 +312,9 @@ def _inference_slice(x, delta, cum, B, C, D, s0, inter: bool, out: Tensor) -> Te
         torch.addcmul(y, x, D[:, None] if D.dim() == 1 else D, out=out)
     return state
 
+
+# Target bytes of one batch slice of the inference path on one CPU thread (see _scan_inference).
+_INFERENCE_SLICE_BYTES = 4 << 20
 
 # Largest spread of a chunk's log-decays (first minus last) that `_scan_inference` accepts: its factors stay within
 # exp(+-60), far inside float32's range (~e^88), and as accurate as the exact path's (tests/test_ssd.py).

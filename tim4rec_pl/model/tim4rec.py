@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.model import parallel
 from tim4rec_pl.model.layers import (
     Dropout,
     FeedForward,
@@ -126,14 +127,11 @@ class TiSSD(nn.Module):
         Returns:
             out (B, L, d) or (B, d), and the next time state (B, H, L) or None.
         """
-        n = self.d_state
-        # 1. Project and split (z only at `index` when given).
-        z, xbc, dt = self._project(u, index, projected)  # (B, L, D_in) or (B, D_in), (B, L, D_in + 2N), (B, L, H)
+        # 1-2. Project, causal depthwise conv + activation, split into x, B, C (one group).
+        valid = tau.valid.unsqueeze(-1) if self.causal else None  # (B, L, 1)
+        z, x, bmat, cmat, dt = self._inputs(u, index, projected, valid)
         if self.causal:
-            return self._forward_causal(z, xbc, dt, tau, index)
-        # 2. Causal depthwise conv + activation, then split into x, B, C (one group).
-        xbc = self._act(causal_conv_channels_last(xbc, self.conv1d))  # (B, L, D_in + 2N)
-        x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
+            return self._forward_causal(z, x, bmat, cmat, dt, tau, index)
         # 3. Time-aware step sizes.
         q = None
         if self.is_time:
@@ -151,21 +149,54 @@ class TiSSD(nn.Module):
             tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
         return out, tau_next
 
-    def _project(
-        self, u: Tensor, index: Tensor | None, projected: tuple[Tensor, Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """in_proj split into z, xBC, dt; with `index`, z (only read position-wise) is kept at index only.
+    def _inputs(
+        self, u: Tensor, index: Tensor | None, projected: tuple[Tensor, Tensor, Tensor] | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Steps 1-2: in_proj into z, xBC, dt; causal depthwise conv + activation of xBC, split into x, B, C.
 
-        Each part is its own matmul with a contiguous result: the element-wise work downstream (convolution, gate,
-        norm) runs about twice as fast on contiguous tensors as on slices of one wide projection (measured on CPU).
+        Each projection is its own matmul with a contiguous result: the element-wise work downstream (convolution,
+        gate, norm) runs about twice as fast on contiguous tensors as on slices of one wide projection (measured on
+        CPU). With `index` (the last layer) z and C are read at index only, so C is convolved from just the K
+        inputs that reach it. `valid` (B, L, 1) zeroes the convolution's inputs at padding (causal path).
+
+        Returns:
+            z (B, L, D_in) or (B, D_in), x (B, L, D_in), B (B, L, N), C (B, L, N) or (B, N), dt (B, L, H).
         """
+        n, d_in = self.d_state, self.d_inner
         rows = None if index is None else torch.arange(u.shape[0], device=u.device)
+        parts = self.in_proj_parts()
         if projected is not None:
             z, xbc, dt = projected
-            return (z if rows is None else z[rows, index]), xbc, dt
-        parts = self.in_proj_parts()
-        z = F.linear(u if rows is None else u[rows, index], *parts[0])  # (B, L, D_in) or (B, D_in)
-        return z, F.linear(u, *parts[1]), F.linear(u, *parts[2])  # (B, L, D_in + 2N), (B, L, H)
+            z = z if rows is None else z[rows, index]
+        else:
+            z = F.linear(u if rows is None else u[rows, index], *parts[0])  # (B, L, D_in) or (B, D_in)
+            dt = F.linear(u, *parts[2])  # (B, L, H)
+            w, bias = parts[1]
+            c_too = index is None
+            xbc = F.linear(u, w if c_too else w[: d_in + n], bias if c_too or bias is None else bias[: d_in + n])
+        if valid is not None:
+            xbc = xbc * valid.to(xbc.dtype)
+        if xbc.shape[-1] == d_in + 2 * n:  # C at every position
+            x, bmat, cmat = torch.split(self._act(causal_conv_channels_last(xbc, self.conv1d)), [d_in, n, n], -1)
+            return z, x, bmat, cmat, dt
+        xb = self._act(causal_conv_channels_last(xbc, self.conv1d, channels=d_in + n))  # (B, L, D_in + N)
+        x, bmat = torch.split(xb, [d_in, n], dim=-1)
+        return z, x, bmat, self._c_at(u, index, valid), dt
+
+    def _c_at(self, u: Tensor, index: Tensor, valid: Tensor | None) -> Tensor:
+        """C at `index` only, (B, N): the K projected inputs that reach it, convolved (zeros before position 0)."""
+        n, d_in = self.d_state, self.d_inner
+        k = self.conv1d.weight.shape[-1]
+        w, bias = self.in_proj_parts()[1]
+        rows = torch.arange(u.shape[0], device=u.device)[:, None]
+        pos = index[:, None] + torch.arange(1 - k, 1, device=u.device)  # (B, K), oldest first
+        keep = pos >= 0
+        pos = pos.clamp(min=0)
+        if valid is not None:
+            keep = keep & valid[rows, pos, 0]
+        c_in = F.linear(u[rows, pos], w[d_in + n :], None if bias is None else bias[d_in + n :])  # (B, K, N)
+        c = torch.einsum("bkn,nk->bn", c_in * keep.unsqueeze(-1).to(c_in.dtype), self.conv1d.weight[d_in + n :, 0])
+        return self.act(c if self.conv1d.bias is None else c + self.conv1d.bias[d_in + n :])  # (B, N)
 
     def in_proj_parts(self) -> list[tuple[Tensor, Tensor | None]]:
         """(weight, bias) of in_proj's z, xBC and dt rows."""
@@ -182,7 +213,7 @@ class TiSSD(nn.Module):
             dt,  # (B, L, H)
             -torch.exp(self.A_log),  # (H,)
             bmat.unsqueeze(2),  # (B, L, 1, N)
-            cmat.unsqueeze(2),  # (B, L, 1, N)
+            cmat.unsqueeze(-2),  # (B, L, 1, N), or (B, 1, N) at index
         )
         if index is not None:
             return ssd_output_at(*args, index, D=self.D, **step).reshape(b, self.d_inner)
@@ -190,13 +221,11 @@ class TiSSD(nn.Module):
         return y.reshape(b, length, self.d_inner)
 
     def _forward_causal(
-        self, z: Tensor, xbc: Tensor, dt: Tensor, ctx: TimeContext, index: Tensor | None
+        self, z: Tensor, x: Tensor, bmat: Tensor, cmat: Tensor, dt: Tensor, ctx: TimeContext, index: Tensor | None
     ) -> tuple[Tensor, TimeContext]:
-        """Steps 2-6 with padding masked out: zero conv inputs and delta = 0 there, so the state passes unchanged."""
-        n = self.d_state
+        """Steps 3-6 with padding masked out (the conv inputs were zeroed there; delta = 0 there, so the state
+        passes unchanged)."""
         valid = ctx.valid.unsqueeze(-1)  # (B, L, 1)
-        xbc = self._act(causal_conv_channels_last(xbc * valid.to(xbc.dtype), self.conv1d))  # (B, L, D_in + 2N)
-        x, bmat, cmat = torch.split(xbc, [self.d_inner, n, n], dim=-1)
         if self.is_time:
             dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
         dtype = torch.promote_types(dt.dtype, torch.float32)  # step sizes in >= float32, like ssd_scan's
@@ -373,7 +402,7 @@ class TiM4Rec(nn.Module):
         changes (in-place updates bump a tensor's version); not used in training, under autocast, or when the
         table would exceed _ITEM_TABLE_BYTES.
         """
-        if self.training or torch.is_grad_enabled() or _autocast_on(self.item_embedding.weight.device):
+        if self.training or torch.is_grad_enabled() or parallel.autocast_on(self.item_embedding.weight.device):
             return None
         ssd = self.ssd_layers[0].ssd
         weights = [self.item_embedding.weight, self.in_layer_norm.weight, self.in_layer_norm.bias]
@@ -399,7 +428,17 @@ class TiM4Rec(nn.Module):
         return h
 
     def forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
-        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d)."""
+        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d).
+
+        In inference on a multi-core CPU, slices of the batch run side by side (`tim4rec_pl.model.parallel`).
+        """
+        ranges = parallel.slices(item_seq.shape[0], item_seq.shape[-1], item_seq.device) if not self.training else []
+        if len(ranges) > 1:
+            self._item_table()  # build the shared cache once, before the slices read it
+            return parallel.run_sliced(self._forward, ranges, item_seq, item_seq_len, timestamps)
+        return self._forward(item_seq, item_seq_len, timestamps)
+
+    def _forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
         h, tau, projected = self._embed(item_seq, timestamps)
         last = len(self.ssd_layers) - 1
         for i, layer in enumerate(self.ssd_layers):
@@ -433,13 +472,6 @@ class TiM4Rec(nn.Module):
 
 # Largest per-item inference table (`TiM4Rec._item_table`): about 170,000 items at the 64-d defaults.
 _ITEM_TABLE_BYTES = 256 << 20
-
-
-def _autocast_on(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def _validate(args: dict) -> None:
