@@ -326,6 +326,11 @@ def test_causal_conv_matches_conv1d_and_gradients(length, k):
     ref = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), conv.weight, conv.bias, groups=6).transpose(1, 2)
     assert torch.allclose(causal_conv_channels_last(x, conv), ref)
     assert torch.autograd.gradcheck(lambda a, w, b: causal_conv_channels_last(a, conv), (x, conv.weight, conv.bias))
+    with torch.no_grad():  # inference: one oneDNN kernel (on CPU), same values; also on a subset of the channels
+        assert torch.allclose(causal_conv_channels_last(x, conv), ref)
+        assert torch.allclose(causal_conv_channels_last(x[..., :4].contiguous(), conv, channels=4), ref[..., :4])
+        out32 = causal_conv_channels_last(x.float(), conv.float())  # the oneDNN kernel runs float32
+        assert out32.dtype == torch.float32 and torch.allclose(out32.double(), ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- validation

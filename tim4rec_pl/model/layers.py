@@ -26,9 +26,24 @@ def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d, channels: int | None =
     Returns:
         (B, L, C), contiguous.
     """
+    if not torch.is_grad_enabled() and x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return _causal_conv_onednn(x, conv.weight[:channels], None if conv.bias is None else conv.bias[:channels])
     weight = conv.weight[:channels, 0, :].t().contiguous()  # (K, C)
     bias = conv.bias[:channels] if conv.bias is not None else weight.new_zeros(weight.shape[1])
     return _CausalDepthwiseConv.apply(x, weight, bias)
+
+
+def _causal_conv_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Inference: the same convolution as one oneDNN depthwise kernel, read as a channels-last 2-D convolution.
+
+    A (B, L, C) tensor viewed as (B, C, 1, L) is a channels-last image, which oneDNN convolves in one pass (about
+    2x faster than the shifted sums on CPU). Zero padding of K - 1 on both sides; the first L outputs are the
+    causal ones. Returns a (B, L, C) view (rows L + K - 1 apart).
+    """
+    k, length = weight.shape[-1], x.shape[1]
+    image = x.permute(0, 2, 1).unsqueeze(2)  # (B, C, 1, L), channels-last strides when x is (B, L, C) contiguous
+    out = F.conv2d(image, weight.unsqueeze(2), bias, padding=(0, k - 1), groups=weight.shape[0])  # (B, C, 1, L+K-1)
+    return out[..., :length].squeeze(2).permute(0, 2, 1)  # (B, L, C)
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
@@ -83,9 +98,23 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         if not torch.is_grad_enabled():  # inference: the same arithmetic, in place on fresh buffers
             g = y * F.silu(z)
-            return g.mul_(g.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()).mul_(self.weight)
+            ms = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1])  # mean square
+            return g.mul_(ms.add_(self.eps).rsqrt_()).mul_(self.weight)
         y = y * F.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def gated_norm_linear(norm: GatedRMSNorm, y: Tensor, z: Tensor, linear: nn.Linear) -> Tensor:
+    """`linear(norm(y, z))` with fewer passes over the wide (D_in) tensors, for inference (no autograd).
+
+    RMSNorm scales each row by one number and each column by `norm.weight`, so both move to the narrow side:
+    linear(g * r * w) = r * (g @ (W * w)^T) + b, with g = y * SiLU(z) and r = 1 / sqrt(mean(g^2) + eps). z is
+    overwritten (it must be a fresh buffer).
+    """
+    g = F.silu(z, inplace=True).mul_(y)  # (..., D_in)
+    inv = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]).add_(norm.eps).rsqrt_()
+    out = F.linear(g, linear.weight * norm.weight).mul_(inv)  # (..., d)
+    return out if linear.bias is None else out.add_(linear.bias)
 
 
 class Dropout(nn.Dropout):

@@ -34,6 +34,7 @@ from tim4rec_pl.model.layers import (
     GatedRMSNorm,
     causal_conv_channels_first,
     causal_conv_channels_last,
+    gated_norm_linear,
     init_recsys_weights,
     inplace_activation,
     inverse_softplus_dt,
@@ -140,7 +141,7 @@ class TiSSD(nn.Module):
         # 4. SSD: delta = softplus(dt + dt_bias), S_t = exp(delta A) S_(t-1) + delta x B^T, y = S C + D x.
         y = self._scan(x, dt, bmat, cmat, index, dt_bias=self.dt_bias, dt_softplus=True)  # (B, L, D_in) or (B, D_in)
         # 5-6. Gate, RMSNorm over the whole D_in, project out.
-        out = self.out_proj(self.norm(y, z))  # (B, L, d) or (B, d)
+        out = self._norm_out(y, z)  # (B, L, d) or (B, d)
         # 7. Next time state.
         tau_next = None
         if self.is_time and index is None:
@@ -231,7 +232,13 @@ class TiSSD(nn.Module):
         dtype = torch.promote_types(dt.dtype, torch.float32)  # step sizes in >= float32, like ssd_scan's
         delta = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)) * valid  # (B, L, H), 0 at padding
         y = self._scan(x, delta, bmat, cmat, index)  # (B, L, D_in) or (B, D_in)
-        return self.out_proj(self.norm(y, z)), ctx
+        return self._norm_out(y, z), ctx
+
+    def _norm_out(self, y: Tensor, z: Tensor) -> Tensor:
+        """Steps 5-6, out_proj(RMSNorm(y * SiLU(z))); in inference with the norm's scales moved past out_proj."""
+        if torch.is_grad_enabled():
+            return self.out_proj(self.norm(y, z))
+        return gated_norm_linear(self.norm, y, z, self.out_proj)  # z: a fresh projection, overwritten
 
     def _act(self, x: Tensor) -> Tensor:
         """The convolution's activation; in place without autograd (x is the convolution's fresh output)."""
