@@ -96,10 +96,6 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():  # inference: the same arithmetic, in place on fresh buffers
-            g = y * F.silu(z)
-            ms = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1])  # mean square
-            return g.mul_(ms.add_(self.eps).rsqrt_()).mul_(self.weight)
         y = y * F.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
@@ -158,6 +154,14 @@ class _BitsDropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (noise,) = ctx.saved_tensors
         return grad * noise, None
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for `device`'s type in this thread (any torch >= 2.3)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def inplace_activation(act: nn.Module, x: Tensor) -> Tensor:

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from tim4rec_pl.model.layers import autocast_on
+
 MIN_TOKENS = 8192  # batch rows x window length per slice below which one call is cheaper
 
 _pool: ThreadPoolExecutor | None = None
@@ -35,14 +37,6 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="tim4rec")
         return _pool
-
-
-def autocast_on(device: torch.device) -> bool:
-    """Whether autocast is on for `device`'s type in this thread (any torch >= 2.3)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
 
 
 def slices(batch: int, length: int, device: torch.device) -> list[tuple[int, int]]:

@@ -32,6 +32,7 @@ from tim4rec_pl.model.layers import (
     Dropout,
     FeedForward,
     GatedRMSNorm,
+    autocast_on,
     causal_conv_channels_first,
     causal_conv_channels_last,
     gated_norm_linear,
@@ -123,7 +124,7 @@ class TiSSD(nn.Module):
             index: optional (B,) positions; when given, only those outputs are produced, (B, d), and the next
                 time state is skipped (the last layer needs neither).
             projected: in_proj(u) already split into z, xBC, dt (each (B, L, *), contiguous), e.g. looked up from
-                a per-item table (see `TiM4Rec._first_layer_inputs`); `u` then only feeds the residual.
+                a per-item table (see `TiM4Rec._item_table`); `u` then only feeds the residual.
 
         Returns:
             out (B, L, d) or (B, d), and the next time state (B, H, L) or None.
@@ -145,8 +146,7 @@ class TiSSD(nn.Module):
         # 7. Next time state.
         tau_next = None
         if self.is_time and index is None:
-            shared = not self.training and tau.shape[1] > 1 and tau.stride(1) == 0
-            gate = self.time_gate_residual(tau[:, :1] if shared else tau)  # (B, H or 1, 1 or L)
+            gate = self.time_gate_residual(tau[:, :1] if self._heads_share(tau) else tau)  # (B, H or 1, 1 or L)
             tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
         return out, tau_next
 
@@ -182,13 +182,13 @@ class TiSSD(nn.Module):
             return z, x, bmat, cmat, dt
         xb = self._act(causal_conv_channels_last(xbc, self.conv1d, channels=d_in + n))  # (B, L, D_in + N)
         x, bmat = torch.split(xb, [d_in, n], dim=-1)
-        return z, x, bmat, self._c_at(u, index, valid), dt
+        return z, x, bmat, self._c_at(u, index, valid, *parts[1]), dt
 
-    def _c_at(self, u: Tensor, index: Tensor, valid: Tensor | None) -> Tensor:
-        """C at `index` only, (B, N): the K projected inputs that reach it, convolved (zeros before position 0)."""
+    def _c_at(self, u: Tensor, index: Tensor, valid: Tensor | None, w: Tensor, bias: Tensor | None) -> Tensor:
+        """C at `index` only, (B, N): the K projected inputs that reach it, convolved (zeros before position 0).
+        `w`, `bias`: in_proj's xBC rows."""
         n, d_in = self.d_state, self.d_inner
         k = self.conv1d.weight.shape[-1]
-        w, bias = self.in_proj_parts()[1]
         rows = torch.arange(u.shape[0], device=u.device)[:, None]
         pos = index[:, None] + torch.arange(1 - k, 1, device=u.device)  # (B, K), oldest first
         keep = pos >= 0
@@ -244,9 +244,13 @@ class TiSSD(nn.Module):
         """The convolution's activation; in place without autograd (x is the convolution's fresh output)."""
         return self.act(x) if torch.is_grad_enabled() else inplace_activation(self.act, x)
 
+    def _heads_share(self, tau: Tensor) -> bool:
+        """Inference with the first layer's tau, one row expanded over the heads: per-head work can run once."""
+        return not self.training and tau.shape[1] > 1 and tau.stride(1) == 0
+
     def _time_scale(self, tau: Tensor) -> Tensor:
         """SPEC §3 TiSSD step 3: q = act(conv_t2(act(conv_t1(tau * MLP_L(tau))))), all (B, H, L)."""
-        if not self.training and tau.shape[1] > 1 and tau.stride(1) == 0:  # the first layer's heads share tau
+        if self._heads_share(tau):
             one = tau[:, :1]  # (B, 1, L): the MLP once instead of once per identical head
             q = (one * self.mlp4time_scale(one)).expand_as(tau)  # (B, H, L)
         else:
@@ -409,7 +413,7 @@ class TiM4Rec(nn.Module):
         changes (in-place updates bump a tensor's version); not used in training, under autocast, or when the
         table would exceed _ITEM_TABLE_BYTES.
         """
-        if self.training or torch.is_grad_enabled() or parallel.autocast_on(self.item_embedding.weight.device):
+        if self.training or torch.is_grad_enabled() or autocast_on(self.item_embedding.weight.device):
             return None
         ssd = self.ssd_layers[0].ssd
         weights = [self.item_embedding.weight, self.in_layer_norm.weight, self.in_layer_norm.bias]
