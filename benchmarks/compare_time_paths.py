@@ -404,7 +404,7 @@ def measure_throughput(
     import torch
     import torch.nn.functional as F
 
-    from tim4rec_pl.data.module import SeqRecDataModule
+    from tim4rec_pl.data.datamodule import SeqRecDataModule
     from tim4rec_pl.model.sasrec import SASRec
     from tim4rec_pl.model.tim4rec import TiM4Rec
 

@@ -201,7 +201,7 @@ def main() -> None:
         cache = run_json([sys.executable, str(HERE), "--cache-worker", str(file), f"{tmp}/cache"])
         result["ours"]["load_or_prepare_cold_s"], result["ours"]["load_or_prepare_warm_s"] = cache.values()
         try:  # the index built here is the DataModule's own
-            from tim4rec_pl.data.module import split_ends
+            from tim4rec_pl.data.datamodule import split_ends
             from tim4rec_pl.data.prepare import ProtocolConfig, SourceConfig, load_or_prepare
 
             data = load_or_prepare(SourceConfig(path=str(file)), ProtocolConfig(), f"{tmp}/cache", progress=False)

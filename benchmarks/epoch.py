@@ -120,8 +120,8 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
 
     from tim4rec_pl.cli import TiM4RecCLI
-    from tim4rec_pl.data.module import SeqRecDataModule, SeqRecDataset
-    from tim4rec_pl.module import SeqRecModule
+    from tim4rec_pl.data.datamodule import SeqRecDataModule, SeqRecDataset
+    from tim4rec_pl.lightning_module import SeqRecModule
 
     cli = TiM4RecCLI(
         SeqRecModule,

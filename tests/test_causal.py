@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_fixture
 from reference_impl import _causal_conv, _hardswish, _layer_norm, _linear, _silu, _softplus
-from test_cli import write_fixture
 
 from tim4rec_pl.cli import main, run_cli
-from tim4rec_pl.data.module import SeqRecDataModule
+from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.tim4rec import TiM4Rec
 from tim4rec_pl.model.time_path import gap_features

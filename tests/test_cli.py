@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_fixture
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-
-def _load_tiny_runs():
-    """The tiny-fixture writer lives in notebooks/make_tiny_runs.py (a script users run too); share it, not copy it."""
-    path = Path(__file__).resolve().parents[1] / "notebooks" / "make_tiny_runs.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_runs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-write_fixture = _load_tiny_runs().write_fixture  # a RecBole atomic file in which every user and item survives 5-core
 
 
 def write_config(tmp: Path, data_file: Path, max_epochs: int = 2) -> Path:

@@ -50,7 +50,7 @@ def test_stats_table_and_prepare(tmp_path, capsys):
 def test_config_data_section(tmp_path, capsys, nested):
     args = {"path": KCORE, "min_user_inter": 3, "min_item_inter": 3, "data_dir": str(tmp_path),
             "time_sort": "exact", "batch_size": 64, "max_seq_len": 50, "num_workers": 2}  # fmt: skip
-    data = {"class_path": "tim4rec_pl.data.module.SeqRecDataModule", "init_args": args} if nested else args
+    data = {"class_path": "tim4rec_pl.data.datamodule.SeqRecDataModule", "init_args": args} if nested else args
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"trainer": {"max_epochs": 1}, "model": {"lr": 0.001}, "data": data}))  # JSON is YAML
     code, out, _ = run(capsys, ["stats", "--config", str(config), "--json"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tim4rec_pl.data.prepare as prepare
-from tim4rec_pl.data.module import EvalSampler, SeqRecDataModule, TrainSampler
+from tim4rec_pl.data.datamodule import EvalSampler, SeqRecDataModule, TrainSampler
 from tim4rec_pl.data.prepare import PreparedData
 from tim4rec_pl.errors import UserError
 

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_predict import NETWORK, NUM_USERS, L, cli, fixture_events, write_config, write_events
+from conftest import NETWORK, NUM_USERS, L, cli, fixture_events, write_events, write_predict_config
 
 from tim4rec_pl.model.tim4rec import TiM4Rec
 
@@ -52,7 +52,7 @@ def ddp_trained(tmp_path_factory):
     os.environ["WANDB_MODE"] = "disabled"
     tmp = tmp_path_factory.mktemp("ddp")
     events = fixture_events()
-    cfg = write_config(tmp, write_events(tmp / "events.inter", events))
+    cfg = write_predict_config(tmp, write_events(tmp / "events.inter", events))
     res = run_ddp("fit", "--config", cfg, "--trainer.limit_train_batches", "2", cwd=tmp)
     return tmp, cfg, events, res
 

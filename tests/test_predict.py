@@ -15,88 +15,19 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import NETWORK, NUM_USERS, L, cli, fixture_events, write_events, write_predict_config
 
-from tim4rec_pl.cli import main, run_cli
+from tim4rec_pl.cli import main
 from tim4rec_pl.model.tim4rec import TiM4Rec
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
-NUM_USERS, NUM_ITEMS, L = 23, 20, 5  # an odd number of users (DDP splits them unevenly)
-NETWORK = {"d_model": 16, "d_state": 8, "head_dim": 8, "chunk_size": 4}
-
-
-def fixture_events(num_users: int = NUM_USERS, num_items: int = NUM_ITEMS) -> dict[str, list[tuple[str, int]]]:
-    """Per user token, the (item token, timestamp) rows in time order; every user and item has >= 5 rows."""
-    rng = np.random.default_rng(3)
-    events = {}
-    for u in range(num_users):
-        n = 6 + (u * 5) % 9  # 6..14 interactions, longer than L
-        items = rng.integers(0, num_items, size=n)
-        t0 = 1_000_000_000 + u * 1_000_000
-        events[f"u{u}"] = [(f"i{i}", t0 + 10_000 * j) for j, i in enumerate(items)]
-    return events
-
-
-def write_events(path: Path, events: dict[str, list[tuple[str, int]]]) -> Path:
-    counts: dict[str, int] = {}
-    for rows in events.values():
-        for item, _ in rows:
-            counts[item] = counts.get(item, 0) + 1
-    assert min(counts.values()) >= 5 and min(len(r) for r in events.values()) >= 5  # nothing is k-core filtered
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for user, rows in reversed(list(events.items())):  # file order is not time order
-        lines += [f"{user}\t{item}\t1.0\t{t}" for item, t in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_config(tmp: Path, data_file: Path, topk: tuple[int, ...] = (3, 5, 10)) -> Path:
-    cfg = tmp / "predict.yaml"
-    cfg.write_text(f"""
-seed_everything: 11
-trainer:
-  default_root_dir: {tmp}          # in-process runs: nothing lands in the working directory
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {tmp}/runs, name: csv}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp}/runs/checkpoints, filename: best, monitor: val/ndcg@10, mode: max,
-                  save_top_k: 1, save_last: true, enable_version_counter: false}}
-model:
-  network:
-    class_path: tim4rec_pl.model.tim4rec.TiM4Rec
-    init_args: {NETWORK}
-  topk: {list(topk)}
-  lr: 0.01
-data:
-  path: {data_file}
-  data_dir: {tmp}/data
-  max_seq_len: {L}
-  batch_size: 32
-  eval_batch_size: 7
-""")
-    return cfg
-
-
-def cli(*args: str):
-    """Run the CLI in this process (fast: no interpreter start-up) and return the LightningCLI object."""
-    return run_cli([str(a) for a in args])
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     os.environ["WANDB_MODE"] = "disabled"
     tmp = tmp_path_factory.mktemp("predict")
     events = fixture_events()
-    cfg = write_config(tmp, write_events(tmp / "events.inter", events))
+    cfg = write_predict_config(tmp, write_events(tmp / "events.inter", events))
     cli("fit", "--config", cfg)
     ckpt = tmp / "runs/checkpoints/best.ckpt"
     assert ckpt.is_file()
@@ -190,7 +121,7 @@ def test_hr_ndcg_mrr_from_the_file_equal_the_reported_test_metrics(trained, tmp_
 
 def test_next_and_test_modes_match_a_full_sort_with_and_without_exclusion(trained, tmp_path):
     tmp, cfg, ckpt, events = trained
-    from tim4rec_pl.data.module import SeqRecDataModule
+    from tim4rec_pl.data.datamodule import SeqRecDataModule
 
     tokens = SeqRecDataModule(path=str(tmp / "events.inter"), data_dir=str(tmp / "data"), max_seq_len=L).item_tokens
     k = 6

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_cli import write_fixture
-from test_resilience import finish, load, start_cli, write_run_config
+from conftest import finish, load, start_cli, write_fixture, write_run_config
 
 
 def metrics_text(run_dir: Path) -> str:

@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,17 +18,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from conftest import finish, load, run_in_process, start_cli, write_fixture, write_run_config
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from test_cli import write_fixture
 
 from tim4rec_pl import __version__
-from tim4rec_pl.cli import main
-from tim4rec_pl.data.module import SeqRecDataModule, TrainSampler
+from tim4rec_pl.data.datamodule import SeqRecDataModule, TrainSampler
+from tim4rec_pl.data.loader import ResumableDataLoader
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.resilience import (
-    ResumableDataLoader,
     describe_interrupt,
     rng_state,
     save_checkpoint_atomically,
@@ -39,97 +36,6 @@ from tim4rec_pl.resilience import (
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 16  # the fixture: 487 training samples, batch 32
 SIGNAL_AT_STEP = 20  # epoch 1, after its 4th batch
-
-
-class SignalAfterSteps(Callback):
-    """Test-only: sends ``TIM4REC_TEST_SIGNAL`` (default SIGTERM) to this process once ``global_step`` reaches
-    ``TIM4REC_TEST_SIGNAL_AFTER_STEPS``. Added with ``--trainer.callbacks+=test_resilience.SignalAfterSteps``."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        if trainer.global_step == int(os.environ.get("TIM4REC_TEST_SIGNAL_AFTER_STEPS", "-1")):
-            os.kill(os.getpid(), getattr(signal, os.environ.get("TIM4REC_TEST_SIGNAL", "SIGTERM")))
-
-
-def write_run_config(
-    run_dir: Path, data_file: Path, data_dir: Path, max_epochs: int = 2, loggers: str | None = None, seed: int = 7
-) -> Path:
-    """A tiny TiM4Rec fit: best.ckpt + last.ckpt, early stopping, a CSV logger (or ``loggers``, YAML list items)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loggers = (
-        loggers
-        or f"""
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {{save_dir: {run_dir}, name: csv}}"""
-    )
-    cfg = run_dir / "tiny.yaml"
-    cfg.write_text(f"""
-seed_everything: {seed}
-trainer:
-  max_epochs: {max_epochs}
-  accelerator: cpu
-  devices: 1
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:{loggers}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {run_dir}/checkpoints, filename: best, monitor: val/ndcg@10, mode: max,
-                  save_top_k: 1, save_last: true, enable_version_counter: false}}
-    - class_path: lightning.pytorch.callbacks.EarlyStopping
-      init_args: {{monitor: val/ndcg@10, mode: max, patience: 5}}
-model:
-  network:
-    class_path: tim4rec_pl.model.tim4rec.TiM4Rec
-    init_args: {{d_model: 16, d_state: 8, head_dim: 8, chunk_size: 4}}
-  topk: [5, 10, 20]
-data:
-  path: {data_file}
-  data_dir: {data_dir}
-  max_seq_len: 10
-  batch_size: 32
-""")
-    return cfg
-
-
-def subprocess_env(**extra: str | None) -> dict[str, str]:
-    """This environment for a CLI subprocess, W&B disabled, ``extra`` on top (``None`` removes a variable)."""
-    # one torch thread, here and in-process (`one_thread`): the same arithmetic in every run, and no thread
-    # contention on a small shared machine
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def start_cli(*args: str, cwd: Path, **env: str | None) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("tim4rec-pl")
-    return subprocess.Popen(
-        [str(exe), *args], cwd=cwd, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> SimpleNamespace:
-    out, err = proc.communicate(timeout=timeout)
-    return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
-
-
-def run_in_process(*args: str) -> int:
-    """``tim4rec-pl ARGS`` inside this process; the exit code (0 when main returns)."""
-    try:
-        main(list(args))
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    return 0
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def val_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -174,7 +80,7 @@ def interrupted(tmp_path_factory, one_thread):
     # both fits side by side (2 cores)
     ref = start_cli("fit", "--config", str(ref_cfg), cwd=tmp)
     stop = start_cli(
-        "fit", "--config", str(int_cfg), f"--trainer.callbacks+={__name__}.SignalAfterSteps", cwd=tmp,
+        "fit", "--config", str(int_cfg), "--trainer.callbacks+=conftest.SignalAfterSteps", cwd=tmp,
         TIM4REC_TEST_SIGNAL_AFTER_STEPS=str(SIGNAL_AT_STEP),
     )  # fmt: skip
     ref, stop = finish(ref), finish(stop)
@@ -208,7 +114,7 @@ def test_sigterm_exits_128_plus_signal_with_one_line(interrupted):
     assert f"at epoch 1, step {SIGNAL_AT_STEP}" in final[0]
     assert f"checkpoint: {ckpt}" in final[0]
     assert final[0].endswith(f"resume with: tim4rec-pl fit --config {interrupted.int_cfg} "
-                             f"--trainer.callbacks+={__name__}.SignalAfterSteps --ckpt_path last")  # fmt: skip
+                             f"--trainer.callbacks+=conftest.SignalAfterSteps --ckpt_path last")  # fmt: skip
 
 
 def test_interrupt_checkpoint_is_complete_safe_and_atomic(interrupted):
@@ -282,7 +188,7 @@ def test_sigint_stops_like_sigterm(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TIM4REC_TEST_SIGNAL", "SIGINT")
     monkeypatch.setenv("TIM4REC_TEST_SIGNAL_AFTER_STEPS", "5")
     before = signal.getsignal(signal.SIGINT)
-    code = run_in_process("fit", "--config", str(cfg), f"--trainer.callbacks+={__name__}.SignalAfterSteps")
+    code = run_in_process("fit", "--config", str(cfg), "--trainer.callbacks+=conftest.SignalAfterSteps")
     err = capsys.readouterr().err
     assert code == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err and "stopped by SIGINT at epoch 0, step 5" in err

@@ -16,11 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import finish, load, run_in_process, start_cli, write_fixture, write_run_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from test_cli import write_fixture
-from test_resilience import finish, load, run_in_process, start_cli, write_run_config
 
 from tim4rec_pl.tracking import BestMetricsSummary, WandbLogger, wandb_api_key_configured
 

@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tim4rec_pl.data.module import SeqRecDataModule
+from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
-from tim4rec_pl.module import SeqRecModule
+from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.resilience import FaultTolerance, print_interrupt
 from tim4rec_pl.tracking import BestMetricsSummary, LogConfigCallback
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
         sys.exit(print_interrupt(stop, args))
-    except FloatingPointError as err:  # a non-finite training loss (module.py names the step)
+    except FloatingPointError as err:  # a non-finite training loss (lightning_module.py names the step)
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(1)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint

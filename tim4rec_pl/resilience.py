@@ -1,7 +1,8 @@
 """Training that survives interruption: a signal stops ``fit`` at a batch boundary with an atomic checkpoint, and
 ``fit --ckpt_path last`` continues exactly where it stopped (weights, optimiser, loops, callbacks, data order, RNG).
 
-Three pieces:
+Two pieces (the training loader that resumes mid-epoch, ``tim4rec_pl.data.loader.ResumableDataLoader``,
+lives with the data):
 
 * ``FaultTolerance`` (a callback the CLI always adds): SIGTERM and SIGINT only set a flag; the flag is acted on
   after the running training batch (all ranks agree on the same batch under DDP), Lightning raises its
@@ -10,23 +11,17 @@ Three pieces:
   ``describe_interrupt`` turns into the CLI's one-line message. The callback also stores the torch / CUDA / NumPy /
   Python RNG states in every checkpoint and puts them back right before the first batch after a resume, so dropout
   continues with the same masks.
-* ``ResumableDataLoader``: the training loader. Lightning saves its ``state_dict()`` in checkpoints and calls
-  ``load_state_dict()`` on resume; the state is the sampler's epoch and seed and the samples of the epoch's order
-  that the training loop has *finished* (read from the loop's batch progress, not from what the loader has handed
-  out: the loop fetches ahead), so the resumed epoch skips exactly those.
 * ``rng_state`` / ``set_rng_state``: the RNG states as plain tensors and lists, loadable with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shlex
 import signal
 import sys
 import threading
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +32,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
-
-from tim4rec_pl.errors import UserError
 
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -69,64 +61,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-
-
-# --------------------------------------------------------------------------------------------- stateful loader
-class ResumableDataLoader(DataLoader):
-    """A training DataLoader whose position within the epoch goes into Lightning checkpoints.
-
-    The sampler must offer ``state_dict()`` / ``load_state_dict()`` with ``epoch``, ``seed`` and ``consumed`` (the
-    samples of the epoch's order to skip, over all ranks) and ``num_replicas``, like ``TrainSampler``. ``len()``
-    stays the whole epoch's batch count after a resume, as Lightning's loop expects: it carries on counting from the
-    batches it restored. The loader draws its worker base seed from its own generator, never from the global RNG, so
-    that creating an epoch's iterator does not shift the random stream that dropout uses.
-    """
-
-    def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> None:
-        """Stateful training loader.
-
-        Args:
-            *args: DataLoader's positional arguments.
-            trainer: The Trainer whose training-loop progress says how many batches are finished (without one, the
-                state falls back to what the sampler has handed out).
-            **kwargs: DataLoader's keyword arguments; ``generator`` defaults to a private one seeded with 0.
-        """
-        if kwargs.get("generator") is None:
-            kwargs["generator"] = torch.Generator().manual_seed(0)
-        super().__init__(*args, **kwargs)
-        self._trainer = weakref.ref(trainer) if trainer is not None else None
-
-    def __len__(self) -> int:
-        per_rank = math.ceil(len(self.dataset) / getattr(self.sampler, "num_replicas", 1))  # type: ignore[arg-type]
-        if self.batch_size is None:
-            return per_rank
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def _batches_done(self) -> int | None:
-        """Training batches of the current epoch whose step has finished on this rank (None: not training)."""
-        trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return None
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-
-    def state_dict(self) -> dict[str, Any]:
-        sampler_state = dict(self.sampler.state_dict())  # type: ignore[attr-defined]
-        done = self._batches_done()
-        replicas = int(getattr(self.sampler, "num_replicas", 1))
-        if done is not None and self.batch_size is not None:
-            sampler_state["consumed"] = min(len(self.dataset), done * self.batch_size * replicas)  # type: ignore
-        return {"sampler": sampler_state, "batch_size": self.batch_size, "num_replicas": replicas}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        replicas = int(getattr(self.sampler, "num_replicas", 1))
-        mid_epoch = 0 < int(state["sampler"].get("consumed", 0)) < len(self.dataset)  # type: ignore[arg-type]
-        if mid_epoch and (state.get("batch_size"), state.get("num_replicas")) != (self.batch_size, replicas):
-            raise UserError(
-                f"the checkpoint stopped mid-epoch with data.batch_size={state.get('batch_size')} on "
-                f"{state.get('num_replicas')} process(es), but this run has batch_size={self.batch_size} on "
-                f"{replicas}; resume with the same batch size and devices (or from an end-of-epoch checkpoint)"
-            )
-        self.sampler.load_state_dict(state["sampler"])  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -1,6 +1,6 @@
 """Prepare interactions under the SPEC §2 protocol and cache the result.
 
-The contract shared with ``data/module.py``: :class:`SourceConfig`, :class:`ProtocolConfig`,
+The contract shared with ``data/datamodule.py``: :class:`SourceConfig`, :class:`ProtocolConfig`,
 :class:`PreparedData` and :func:`load_or_prepare`.
 """
 

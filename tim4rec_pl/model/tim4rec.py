@@ -347,7 +347,7 @@ class TiM4Rec(nn.Module):
         self.num_items, self.max_seq_len, self.d_model = num_items, max_seq_len, d_model
         self.is_time, self.time_path = is_time, time_path
         self.nheads = expand * d_model // head_dim
-        # The reference time path mixes positions: no all-position training, no streaming (see module.py).
+        # The reference time path mixes positions: no all-position training, no streaming (see lightning_module.py).
         self.supports_all_positions = self.supports_streaming = time_path == "causal" or not is_time
 
         self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)

@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from tim4rec_pl.data.loader import ResumableDataLoader
 from tim4rec_pl.errors import UserError
-from tim4rec_pl.resilience import ResumableDataLoader
 
 if TYPE_CHECKING:
     from tim4rec_pl.data.prepare import PreparedData
