@@ -1,14 +1,14 @@
-"""Reference vs causal time path on real data (issue #8): test HR/NDCG/MRR@10/20, time to the best validation.
+"""Reference vs causal time path on real data: test HR/NDCG/MRR@10/20, time to the best validation.
 
 Every run is an ordinary `tim4rec-pl fit` + `tim4rec-pl test --ckpt_path best` on a config written into its run
 folder (``<run_dir>/<dataset>/<setting>/seed<k>/config.yaml``, runnable by hand), derived from the dataset's
 shipped config (configs/ml-100k.yaml, configs/ml-1m.yaml) with only these changes: the network (TiM4Rec reference,
 TiM4Rec causal, SSD4Rec* = TiM4Rec without time, SASRec), ``data.train_mode`` and its batch size, the seed, a wall
 time cap (``trainer.max_time``), how often to validate, the early-stopping patience, and a CSV logger. Data, splits
-and evaluation are the SPEC §5 protocol for every run (same targets, same metric code).
+and evaluation (docs/data.md, docs/evaluation.md) are the same for every run (same targets, same metric code).
 
 Settings:
-    tim4rec-ref       TiM4Rec, reference time path (SPEC §3), prefix training (the only mode it supports)
+    tim4rec-ref       TiM4Rec, reference time path (docs/model.md), prefix training (the only mode it supports)
     tim4rec-causal    TiM4Rec, causal time path, all-position training
     tim4rec-causal-10 the same with a wall budget of a tenth of tim4rec-ref's time to its best validation
     ssd4rec-prefix / ssd4rec-all    SSD4Rec* (TiM4Rec with is_time false), prefix / all-position training

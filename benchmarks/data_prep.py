@@ -3,7 +3,7 @@
 Times each stage of our pipeline (read, filter, remap, sort, arrays, training index) and its peak memory, each
 repeat in a fresh process, then RecBole 1.2.1's ``create_dataset + data_preparation`` on the same file in its own
 virtual environment, and prints the ratio. It also checks that both agree on every user's validation and test
-target (SPEC §2.5: float32 sorting reproduces RecBole; exact sorting does not) and on the training sample count.
+target (docs/data.md: float32 sorting reproduces RecBole; exact sorting does not) and on the training sample count.
 Results go to ``benchmarks/results/data_prep.json`` and ``.md`` (git-ignored).
 
 Usage::
@@ -36,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
-MAX_SEQ_LEN = 200  # the ML-1M setting (SPEC §6); RecBole materialises histories of this length
+MAX_SEQ_LEN = 200  # the paper's ML-1M setting; RecBole materialises histories of this length
 
 
 def rss_mib() -> float:
@@ -65,7 +65,7 @@ def ours_worker(file: str, ends_out: str | None) -> dict:
     times["sort"], t = time.perf_counter() - t, time.perf_counter()
     data = to_prepared(frame)
     times["arrays"], t = time.perf_counter() - t, time.perf_counter()
-    # the training index of the DataModule (prefix mode): targets o+1 .. o+n-3 of every user (SPEC §2.7)
+    # the training index of the DataModule (prefix mode): targets o+1 .. o+n-3 of every user (docs/data.md)
     count = np.maximum(np.diff(data.offsets) - 3, 0)
     within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
     ends = np.repeat(data.offsets[:-1] + 1, count) + within

@@ -1,6 +1,6 @@
 """Training and inference speed of TiM4Rec, SSD4Rec* and SASRec side by side, against the window length L.
 
-For each L (default 50, 200, 800, 3200) and each model (d = 64, 2 layers, the SPEC §6 ML-1M settings; SASRec with
+For each L (default 50, 200, 800, 3200) and each model (d = 64, 2 layers, the paper's ML-1M settings; SASRec with
 RecBole's settings), on one device and in one process, with the models' turns interleaved over the repeats:
 
 - training samples/s: forward + backward + Adam step of a batch of ``--batch-size`` samples (default 256). A batch
@@ -14,7 +14,7 @@ RecBole's settings), on one device and in one process, with the models' turns in
 
 Synthetic data with ML-1M's catalogue (3,416 items + padding), full windows, increasing Unix timestamps. Results:
 ``<out>.json``, a markdown table ``<out>.md`` (ratios against SASRec, growth exponents of cost in L between the two
-longest windows, the issue #7 targets) and a log-log plot ``<out>.png``. The process uses the same OpenMP/malloc
+longest windows, the CPU speed targets) and a log-log plot ``<out>.png``. The process uses the same OpenMP/malloc
 settings as the ``tim4rec-pl`` command (``tim4rec_pl.cpu_runtime``; ``--no-tuning`` switches them off).
 
 Models: ``tim4rec`` (faithful time path), ``ssd4rec`` (time path off), ``sasrec`` (RecBole settings: attention
@@ -116,7 +116,7 @@ def build(variant: Variant, length: int, device):
     from tim4rec_pl.model.tim4rec import TiM4Rec
 
     torch.manual_seed(0)
-    if variant.base in ("tim4rec", "ssd4rec"):  # SPEC §6 ML-1M 64d: the constructor defaults
+    if variant.base in ("tim4rec", "ssd4rec"):  # the paper's ML-1M 64d setting: the constructor defaults
         net = TiM4Rec(NUM_ITEMS, max_seq_len=length, is_time=variant.base == "tim4rec", ssd_backend=variant.backend)
     else:  # RecBole's SASRec: 2 layers, 2 heads, d 64, inner 256, dropout 0.5, attention dropout 0.5
         net = SASRec(NUM_ITEMS, max_seq_len=length, attn_dropout=0.0 if variant.base == "sasrec-flash" else 0.5)
@@ -402,7 +402,7 @@ def summarize(variants: list[Variant], lengths: list[int]) -> dict:
 
 
 def targets(variants: list[Variant], summary: dict) -> list[dict]:
-    """The issue #7 targets (2-core CPU, batch 256) that these results can speak to."""
+    """The CPU speed targets (docs/performance.md; 2-core CPU, batch 256) that these results can speak to."""
     by = {v.name: v for v in variants}
     rows = []
 
@@ -528,7 +528,7 @@ def markdown(result: dict) -> str:
             mem = f"{e['memory']:.2f}" if "memory" in e else "-"
             lines.append(f"| {name} | {e['train']:.2f} | {e['infer']:.2f} | {mem} |")
     if result["targets"]:
-        lines += ["", "Issue #7 targets:", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+        lines += ["", "CPU speed targets:", "", "| target | goal | measured | met |", "|---|---|---|---|"]
         for t in result["targets"]:
             met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
             lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {met} |")

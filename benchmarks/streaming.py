@@ -1,4 +1,4 @@
-"""Streaming inference latency: one `step` per new interaction vs recomputing the user's window (issue #8).
+"""Streaming inference latency: one `step` per new interaction vs recomputing the user's window.
 
 The network is TiM4Rec with the causal time path in the paper's ML-1M 64d shape (d 64, 2 layers, N 32, P 32,
 3,417 items). For each batch size B (users served at once) it measures, interleaved so that a noisy shared machine

@@ -1,4 +1,4 @@
-"""SeqRecDataModule against hand-computed windows, targets and splits (SPEC §2.6-2.8), and its samplers."""
+"""SeqRecDataModule against hand-computed windows, targets and splits (docs/data.md), and its samplers."""
 
 from __future__ import annotations
 

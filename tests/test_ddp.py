@@ -58,7 +58,7 @@ def ddp_trained(tmp_path_factory):
 
 
 def reference_val_metrics(ckpt: Path, events: dict, item_tokens: list[str], ks=(3, 5, 10)) -> dict[str, float]:
-    """SPEC §5 on every user's validation position: rank = items scoring strictly higher than the target."""
+    """docs/evaluation.md on every user's validation position: rank = items scoring strictly higher than the target."""
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     net = TiM4Rec(num_items=len(item_tokens), max_seq_len=L, **NETWORK)
     net.load_state_dict({key.removeprefix("network."): v for key, v in state.items() if key.startswith("network.")})

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed ranks and values (SPEC §5)."""
+"""Metrics against hand-computed ranks and values (docs/evaluation.md)."""
 
 import math
 

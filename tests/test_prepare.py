@@ -1,4 +1,4 @@
-"""The SPEC §2 protocol on a hand-made fixture with a known result, and the cache (reuse, rebuild, locking)."""
+"""The data protocol (docs/data.md) on a fixture with a known result, and the cache (reuse, rebuild, locking)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# First, before anything loads torch: OpenMP wait policy and malloc settings for fast CPU training (issue #7).
+# First, before anything loads torch: OpenMP wait policy and malloc settings for fast CPU training.
 import tim4rec_pl.cpu_runtime  # noqa: F401
 
 # isort: split

@@ -1,4 +1,4 @@
-"""Process-wide CPU settings for training, applied when the command line starts (issue #7).
+"""Process-wide CPU settings for training, applied when the command line starts (docs/performance.md).
 
 Importing this module applies them; ``tim4rec_pl.cli`` imports it before anything loads torch. Two settings, both
 measured with ``benchmarks/speed.py`` and ``benchmarks/epoch.py`` (see benchmarks/README.md):

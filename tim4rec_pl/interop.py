@@ -1,6 +1,6 @@
 """Reading checkpoints of the reference TiM4Rec code (RecBole `.pth` files) and of this package (`.ckpt`).
 
-A reference checkpoint is a dict with `state_dict` (keys as in SPEC §3 "Reference parameter names") and `config`,
+A reference checkpoint is a dict with `state_dict` (parameter names: docs/model.md) and `config`,
 a pickled `recbole.config.Config` object. RecBole need not be installed: the file is read with a restricted
 unpickler that rebuilds tensors and plain containers and turns every other class into an inert stub holding its
 pickled state, from which the configuration values (`final_config_dict`) are taken. Nothing in the file is

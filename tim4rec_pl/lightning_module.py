@@ -37,8 +37,8 @@ class SeqRecModule(L.LightningModule):
         Args:
             network: The sequence encoder, e.g. ``tim4rec_pl.model.tim4rec.TiM4Rec`` or
                 ``tim4rec_pl.model.sasrec.SASRec``. ``num_items`` and ``max_seq_len`` are filled in from the data.
-            lr: Adam learning rate (SPEC: 1e-3; 5e-4 for Steam).
-            weight_decay: Adam weight decay (SPEC: 0).
+            lr: Adam learning rate (the paper: 1e-3; 5e-4 for Steam).
+            weight_decay: Adam weight decay (the paper: 0).
             topk: Cut-offs K for HR/NDCG/MRR@K in validation and test (default 10, 20, 50).
             eval_block_size: Items scored at once in evaluation; bounds memory for very large catalogues.
             init_from: Optional weights to start from: a checkpoint of the reference RecBole implementation
@@ -72,8 +72,8 @@ class SeqRecModule(L.LightningModule):
             if not getattr(self.network, "supports_all_positions", True):  # e.g. TiM4Rec's reference time path
                 raise UserError(
                     f"data.train_mode all_positions needs a causal network, but {type(self.network).__name__}'s "
-                    "reference time path mixes all positions (SPEC §9); set model.network.init_args.time_path: "
-                    "causal, or data.train_mode: prefix"
+                    "reference time path mixes all positions (see docs/model.md); set "
+                    "model.network.init_args.time_path: causal, or data.train_mode: prefix"
                 )
         if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
             self._freeze_unreachable_parameters()

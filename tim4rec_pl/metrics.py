@@ -1,4 +1,4 @@
-"""Exact full-ranking metrics (SPEC §5), block-wise ranking, and top-K retrieval.
+"""Exact full-ranking metrics (docs/evaluation.md), block-wise ranking, and top-K retrieval.
 
 Every user has one target item. Its ``rank`` is the number of items that score strictly higher than the target;
 the padding item 0 never counts (its score is treated as -inf), items already in the history are NOT removed:

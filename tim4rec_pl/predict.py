@@ -104,7 +104,7 @@ class PredictionWriter(Callback):
             mode: next: recommend after the whole history (what a product shows); test: score each user's test
                 position with the history the test metrics use, adding a target_id column (to audit the metrics).
             exclude_seen: Leave out items the user has already interacted with (the whole history, not only the
-                last max_seq_len items). The metrics never exclude (SPEC §5).
+                last max_seq_len items). The metrics never exclude (docs/evaluation.md).
             users: Original user tokens to predict for, a list ([u1, u2]) or a text file with one token per line
                 (default: every user). Unknown tokens are an error.
         """

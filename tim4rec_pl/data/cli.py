@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tim4rec-pl data",
-        description="Prepare interaction data (SPEC §2: k-core, remap, sort) into the cache, or print its statistics.",
+        description="Prepare interactions (docs/data.md: k-core, remap, sort) into the cache, or print its statistics.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -65,7 +65,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--drop_null_ids", action=argparse.BooleanOptionalAction, default=None,
                      help="drop rows with a missing user or item id (default: fail and count them)")  # fmt: skip
     src.add_argument("--data_dir", "--data-dir", help=f"root of downloads and caches (default: {DEFAULT_DATA_DIR})")
-    proto = p.add_argument_group("protocol (SPEC §2)")
+    proto = p.add_argument_group("protocol (docs/data.md)")
     proto.add_argument("--min_user_inter", type=int, help="k-core: keep users with at least N interactions (5)")
     proto.add_argument("--min_item_inter", type=int, help="k-core: keep items with at least N interactions (5)")
     proto.add_argument("--drop_duplicates", action=argparse.BooleanOptionalAction, default=None,
@@ -133,7 +133,7 @@ def format_table(report: dict) -> str:
         ("time span", f"{s['time_span_days']:,.1f} days"),
         ("same-second neighbours / zero float32 gaps",
          f"{s['zero_gap_share']:.1%} / {s['zero_gap_share_float32']:.1%}"),
-        ("training samples (SPEC §2.7)", f"{s['train_samples']:,}"),
+        ("training samples", f"{s['train_samples']:,}"),
         ("rows read / k-core removed", f"{s['pipeline']['rows_read']:,} / {s['pipeline']['kcore_removed']:,}"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)

@@ -1,6 +1,6 @@
-"""SeqRecDataModule: samples, leave-one-out split, batches and samplers (SPEC §2.6-2.8).
+"""SeqRecDataModule: samples, leave-one-out split, batches and samplers (docs/data.md).
 
-Conventions owned here (the RecBole layout, SPEC §2.8): a history is left-aligned and right-padded with item 0 and
+Conventions owned here (the RecBole layout, docs/data.md): a history is left-aligned and right-padded with item 0 and
 timestamp 0; timestamps are ``float32`` of the seconds; a target's own timestamp is never an input.
 
 Memory grows with interactions, never with interactions x L: a split is two int64 arrays, the "end" position of each
@@ -40,7 +40,7 @@ def split_ends(
     """The samples of one split as (end positions, users), both int64.
 
     For a user with n interactions at global positions o..o+n-1, position p > o is a target with history
-    ``[max(o, p - L), p)``: test p = o+n-1, validation p = o+n-2, training p = o+1..o+n-3 (SPEC §2.6-2.7).
+    ``[max(o, p - L), p)``: test p = o+n-1, validation p = o+n-2, training p = o+1..o+n-3.
     ``next`` has end o+n (the whole history, no target). In ``all_positions`` training a sample is a window whose
     targets are ``(max(o, end - L), end]``: each user's training targets are cut into runs of L from the most recent
     backwards, the earliest run possibly shorter. Users too short for a split are left out of it.
@@ -209,7 +209,7 @@ class EvalSampler(DistributedSampler):
 
 
 class SeqRecDataModule(lightning.LightningDataModule):
-    """Interactions prepared under SPEC §2, served in the RecBole layout with full-ranking leave-one-out splits.
+    """Interactions prepared as in docs/data.md, served in the RecBole layout with full-ranking leave-one-out splits.
 
     The prepared data loads on first use of ``prepared`` (or ``num_items``, ``stats`` ...), so the CLI can read
     ``num_items`` right after construction; ``prepare_data`` loads it too (Lightning runs that on local rank 0).

@@ -1,4 +1,4 @@
-"""Prepare interactions under the SPEC §2 protocol and cache the result.
+"""Prepare interactions under the data protocol (docs/data.md) and cache the result.
 
 The contract shared with ``data/datamodule.py``: :class:`SourceConfig`, :class:`ProtocolConfig`,
 :class:`PreparedData` and :func:`load_or_prepare`.
@@ -53,7 +53,7 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """The preprocessing protocol (SPEC §2).
+    """The preprocessing protocol (docs/data.md).
 
     Args:
         min_user_inter: k-core: keep users with at least this many interactions (repeated with items).
@@ -168,7 +168,7 @@ def load_or_prepare(
 
 
 # --------------------------------------------------------------------------------------------------
-# The protocol (SPEC §2), one function per step so that benchmarks can time them.
+# The protocol (docs/data.md), one function per step so that benchmarks can time them.
 
 
 def filter_interactions(
@@ -241,7 +241,7 @@ def to_prepared(frame: pl.DataFrame) -> PreparedData:
 
 
 def compute_stats(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_items: int) -> dict:
-    """Summary statistics. ``items`` excludes the padding id; ``train_samples`` follows SPEC §2.6-2.7.
+    """Summary statistics. ``items`` excludes the padding id; ``train_samples`` counts the training targets.
 
     ``zero_gap_share``: share of a user's consecutive interactions (in exact time order) in the same second.
     ``zero_gap_share_float32``: share of zero gaps the model sees (float32 seconds, protocol order).
