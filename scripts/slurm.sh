@@ -6,7 +6,7 @@
 #
 # Adapt the #SBATCH lines to your cluster (partition, account, GPUs per node); sbatch options given on the command
 # line override them. data.batch_size is per process: the effective batch is batch_size x GPUs per node x nodes
-# (README, "Training on a cluster"). The repository, data/ and runs/ must be on a filesystem every node sees.
+# (docs/cluster.md). The repository, data/ and runs/ must be on a filesystem every node sees.
 #SBATCH --job-name=tim4rec              # name shown by squeue
 #SBATCH --nodes=2                       # machines; passed on as --trainer.num_nodes
 #SBATCH --ntasks-per-node=8             # one task per GPU: must equal the GPUs per node in --gres
