@@ -16,9 +16,9 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 
 WORKDIR /opt/tim4rec-pl
-# torch first (its own layer: the largest download), at the pinned version.
+# torch first (its own layer: the largest download), at the pinned version; pytest for benchmarks/gpu_check.py.
 COPY docker/constraints-gpu.txt ./docker/constraints-gpu.txt
-RUN pip install -c docker/constraints-gpu.txt torch triton packaging ninja wheel setuptools einops
+RUN pip install -c docker/constraints-gpu.txt torch triton packaging ninja wheel setuptools einops pytest
 COPY pyproject.toml README.md ./
 COPY tim4rec_pl ./tim4rec_pl
 # mamba-ssm's setup.py imports torch, hence --no-build-isolation. MAX_JOBS bounds the compiler's parallel jobs (memory).

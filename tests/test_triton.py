@@ -102,7 +102,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 CASES = {
     # every optional input: D per head, dt_bias + softplus, initial state, final state; a partial last chunk
     "all-inputs": dict(b=2, length=50, h=2, p=16, n=16, g=1, chunk=16, d_shape="h", init=True, final=True),
-    # two groups, D per channel, no initial state, output only, one partial chunk
+    # two groups, D per channel, no initial state, output only, a partial second chunk
     "groups": dict(b=3, length=37, h=4, p=8, n=16, g=2, chunk=32, d_shape="hp", init=False, final=False),
 }
 
