@@ -245,7 +245,7 @@ def test_network_forward_and_training_step(name: str, triton_on_cpu) -> None:
         opt.step()
         results[backend] = (loss.detach(), grads, copy.deepcopy(net.state_dict()))
     # forward: all layers but the last (which reads only the last position); encode: both layers
-    assert triton_on_cpu["n"] - before == 3, "the network did not run mamba-ssm's kernel in every scanning layer"
+    assert triton_on_cpu["n"] - before >= 3, "the network did not run mamba-ssm's kernel in every scanning layer"
 
     (loss_k, grads_k, after_k), (loss_t, grads_t, after_t) = results["triton"], results["torch"]
     assert torch.isfinite(loss_k) and _rel(loss_k, loss_t) < 1e-5
