@@ -11,7 +11,7 @@ FROM nvidia/cuda:13.0.0-devel-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 WANDB_DIR=/work/runs \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 
