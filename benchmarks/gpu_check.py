@@ -1,20 +1,28 @@
-"""GPU acceptance check for the SSD backends: the Triton kernels (mamba-ssm) against the pure-PyTorch scan.
+"""GPU checklist: everything about the CUDA path that cannot be checked on a CPU, in one command and one summary.
 
-Runs on one CUDA device in a few minutes:
+Runs on one CUDA device with mamba-ssm installed (the `gpu` extra or the Docker image):
 
-1. parity   ssd_scan with backend "torch" and "triton" on the same inputs (D, dt_bias, initial and final state):
+1. tests    the test suite's GPU tests (tests/test_ssd.py: the Triton kernels against the torch backend on CUDA,
+            `auto` picking Triton), run by pytest in a subprocess: all must pass and none may be skipped.
+2. parity   ssd_scan with backend "torch" and "triton" on the same inputs (D, dt_bias, initial and final state):
             outputs and the gradients of every input agree (float32: max error <= 1e-3 of the largest value;
             bfloat16 inputs: <= 2e-2, since both round their outputs to bf16).
-2. train    the whole TiM4Rec model, trained a few Adam steps on synthetic data with cross-entropy over the
-            catalogue, once per backend from the same initial weights: losses finite and falling, and the two
-            backends' first losses equal (rel. 1e-3); one bf16-autocast step per backend stays finite.
-3. speed    forward + backward of ssd_scan for both backends at the model's sizes (B 2048, L 50) and at
-            B 256 with L 200 / 800 / 3200, and one training step of the whole model at B 2048, L 50.
+3. ml-1m    the whole TiM4Rec model (ML-1M's configuration: L = 200, reference time path) on a real ML-1M training
+            batch, once per backend from the same weights: scores, loss and every parameter's gradient agree (<= 1e-3
+            of the largest value). ML-1M is fetched and prepared under --data-dir on first use.
+4. train    the whole model trained a few Adam steps on synthetic data, once per backend from the same initial
+            weights: losses finite and falling, the two backends' first losses equal (rel. 1e-3); one bf16-autocast
+            step per backend stays finite.
+5. speed    forward + backward of ssd_scan for both backends at the model's sizes (B 2048, L 50) and at B 256 with
+            L 200 / 800 / 3200, one training step of the whole model at B 2048, L 50; and the speed table's Triton
+            rows: benchmarks/speed.py --device cuda (tim4rec, ssd4rec and their -triton variants; --no-speed-table
+            skips it, the longest part).
 
-Prints a JSON summary (also written to --out) and exits 1 if a check fails, 2 if this machine has no CUDA
-device or no mamba-ssm (install with `pip install 'tim4rec-pl[gpu]'`).
+Prints a JSON summary (also written to --out) and one PASS/FAIL line; exits 1 if a check fails, 2 if this machine has
+no CUDA device or no mamba-ssm (install with `pip install --no-build-isolation 'tim4rec-pl[gpu]'`).
 
-Usage: python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--steps 30] [--repeats 10]
+Usage: python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json] [--data-dir data] [--steps 30]
+       [--repeats 10] [--no-speed-table]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,6 +89,57 @@ def check_parity(tol: dict[torch.dtype, float]) -> list[dict]:
                      errors=errs, ok=worst <= tol[dtype], y_dtype=str(out["triton"]["y"].dtype))
             )  # fmt: skip
     return rows
+
+
+def run_gpu_tests() -> dict:
+    """The suite's tests that need CUDA and mamba-ssm, in a fresh interpreter (as a user runs pytest)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_ssd.py"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    summary = lines[-1] if lines else proc.stderr.strip()[-500:]
+    skipped = [line for line in lines if line.startswith("SKIPPED")]
+    return dict(command=" ".join(cmd[1:]), returncode=proc.returncode, summary=summary, skipped=skipped,
+                ok=proc.returncode == 0 and not skipped and " passed" in summary)  # fmt: skip
+
+
+def check_ml1m(data_dir: str, batch_size: int = 256, length: int = 200) -> dict:
+    """Triton against torch on a real ML-1M training batch: the whole model, scores, loss and every gradient."""
+    from tim4rec_pl.data.datamodule import SeqRecDataModule
+
+    dm = SeqRecDataModule(dataset="ml-1m", data_dir=data_dir, max_seq_len=length, batch_size=batch_size, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    inputs = [batch[k].cuda() for k in ("item_seq", "item_seq_len", "timestamps")]
+    target = batch["target"].cuda()
+    out = {}
+    for backend in BACKENDS:
+        model = _model(backend, dm.num_items, length)
+        scores = model.score_all(*inputs)  # (B, num_items)
+        loss = F.cross_entropy(scores, target)
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        out[backend] = dict(scores=scores.detach(), loss=loss.detach(), grads=grads)
+    t, k = out["torch"], out["triton"]
+    grad_errs = {n: _rel_err(k["grads"][n], g) for n, g in t["grads"].items() if g.abs().max() > 0}
+    errors = dict(scores=_rel_err(k["scores"], t["scores"]), loss=_rel_err(k["loss"], t["loss"]))
+    errors["worst_grad"] = max(grad_errs.values())
+    worst = max(errors.values())
+    return dict(batch=[int(target.shape[0]), length], num_items=dm.num_items, loss=t["loss"].item(), errors=errors,
+                worst_grad_param=max(grad_errs, key=grad_errs.get), max_rel_err=worst, ok=worst <= 1e-3)  # fmt: skip
+
+
+def speed_table_triton_rows(out: Path) -> dict:
+    """benchmarks/speed.py on CUDA for the SSD models: the torch and Triton rows of the speed table, side by side."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cuda", "--models", "tim4rec", "ssd4rec",
+           "--no-plot", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = dict(command=" ".join(cmd[1:]), returncode=proc.returncode)
+    if proc.returncode != 0:
+        return result | dict(ok=False, error=proc.stderr.strip()[-2000:])
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    triton_rows = sorted(name for name in runs if name.endswith("-triton"))
+    return result | dict(rows=triton_rows, table=str(out.with_suffix(".md")), ok=len(triton_rows) == 2)
 
 
 def _batch(num_items: int, b: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -186,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=30, help="training steps per backend")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where ML-1M is (or is fetched and prepared)")
+    parser.add_argument("--no-speed-table", action="store_true", help="skip benchmarks/speed.py's Triton rows")
     args = parser.parse_args(argv)
 
     from tim4rec_pl.model.ssd import _mamba_available
@@ -194,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (has_cuda and has_mamba):
         print(
             f"gpu_check needs a CUDA device and mamba-ssm (found: cuda={has_cuda}, mamba_ssm={has_mamba}); "
-            "install the gpu extra with `pip install 'tim4rec-pl[gpu]'` on a CUDA machine",
+            "install the gpu extra with `pip install --no-build-isolation 'tim4rec-pl[gpu]'` on a CUDA machine",
             file=sys.stderr,
         )
         return 2
@@ -206,10 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         summary["mamba_ssm"] = getattr(mamba_ssm, "__version__", "?")
     except Exception:  # version is informational only
         pass
+    summary["tests"] = run_gpu_tests()
     summary["parity"] = check_parity({torch.float32: 1e-3, torch.bfloat16: 2e-2})
+    summary["ml1m"] = check_ml1m(args.data_dir)
     summary["training"] = check_training(args.steps)
     summary["speed"] = measure_speed(args.repeats)
-    summary["ok"] = all(r["ok"] for r in summary["parity"]) and summary["training"]["ok"]
+    if not args.no_speed_table:
+        summary["speed_table"] = speed_table_triton_rows(args.out.with_name("gpu_check_speed"))
+    checks = [summary["tests"], *summary["parity"], summary["ml1m"], summary["training"]]
+    checks += [summary["speed_table"]] if "speed_table" in summary else []
+    summary["ok"] = all(c["ok"] for c in checks)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(summary, indent=2)
     print(text)

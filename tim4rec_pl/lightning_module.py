@@ -61,6 +61,7 @@ class SeqRecModule(L.LightningModule):
         self._compiled = False
         self._compile = compile
         self.data_info: dict = {}  # data statistics and manifest checksum, recorded in checkpoints
+        self.ssd_backend_resolved: str | None = None  # the SSD implementation that runs (see _report_ssd_backend)
 
     # ----------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -80,6 +81,43 @@ class SeqRecModule(L.LightningModule):
         if self._compile and not self._compiled and stage == "fit":
             self.network = torch.compile(self.network)
             self._compiled = True
+
+    def on_fit_start(self) -> None:
+        self._report_ssd_backend()
+
+    def on_validation_start(self) -> None:
+        self._report_ssd_backend()
+
+    def on_test_start(self) -> None:
+        self._report_ssd_backend()
+
+    def on_predict_start(self) -> None:
+        self._report_ssd_backend()
+
+    def _report_ssd_backend(self) -> None:
+        """Say once which SSD implementation runs (and why, with a warning when "auto" falls back to the PyTorch scan
+        on CUDA), and record it with every logger: ``ssd_backend_resolved`` in the run's config, ``ssd_backend`` in the
+        W&B summary. ``ssd_backend: triton`` where the kernel cannot run stops here, before any step."""
+        if self.ssd_backend_resolved is not None:
+            return
+        requested = sorted({getattr(m, "ssd_backend", None) for m in self.network.modules()} - {None})
+        if not requested:  # a network without an SSD (SASRec)
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        from tim4rec_pl.model.ssd import explain_backend
+
+        resolved, reason, warning = explain_backend(requested[0], self.device)
+        self.ssd_backend_resolved = resolved
+        if not self.trainer.is_global_zero:
+            return
+        if warning:
+            log.warning(f"tim4rec-pl: warning: {warning}")
+        log.info(f"tim4rec-pl: SSD backend: {resolved} ({reason})")
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams({"ssd_backend_resolved": resolved})
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary["ssd_backend"] = resolved
 
     def _batch_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return batch["item_seq"], batch["item_seq_len"], batch["timestamps"]
@@ -182,6 +220,8 @@ class SeqRecModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # merged: callbacks ran first and may have added to it (tracking.LogConfigCallback adds "config")
         checkpoint.setdefault("tim4rec_pl", {}).update({"version": __version__, "data": self.data_info})
+        if self.ssd_backend_resolved is not None:
+            checkpoint["tim4rec_pl"]["ssd_backend"] = self.ssd_backend_resolved
         if self._compiled:  # store plain parameter names, loadable without torch.compile
             checkpoint["state_dict"] = {k.replace("network._orig_mod.", "network."): v
                                         for k, v in checkpoint["state_dict"].items()}

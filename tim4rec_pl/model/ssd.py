@@ -50,7 +50,9 @@ _MIN_TORCH_BLOCK = 48
 # Target bytes of one batch slice's working set on CPU, per intra-op thread (see _slice_rows).
 _SLICE_BYTES = 8 << 20
 
-_GPU_HINT = "install the `gpu` extra (pip install 'tim4rec-pl[gpu]') or set `ssd_backend: torch`"
+# How to get the fused kernel: mamba-ssm's build imports torch, hence no build isolation.
+INSTALL_COMMAND = "pip install --no-build-isolation 'tim4rec-pl[gpu]'"
+_GPU_HINT = f"install the `gpu` extra ({INSTALL_COMMAND}) or set `ssd_backend: torch`"
 
 
 @functools.cache
@@ -85,6 +87,42 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not _mamba_available():
         raise UserError(f"ssd_backend 'triton' needs mamba-ssm and triton, which do not import here: {_GPU_HINT}")
     return "triton"
+
+
+def mamba_import_error() -> str | None:
+    """Why mamba-ssm's Triton SSD kernels do not import here, as one line ("ModuleNotFoundError: ..."), or None."""
+    try:
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except Exception as err:  # the same failures `_mamba_available` treats as "not available"
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return None
+
+
+def explain_backend(backend: str, device: torch.device | str) -> tuple[str, str, str | None]:
+    """Which SSD implementation `ssd_scan` runs for `backend` on `device`, why, and a warning when "auto" has to
+    fall back to the PyTorch scan on CUDA (the fused kernel is missing or broken there).
+
+    Returns:
+        (resolved backend, a short reason for the log, the warning or None).
+
+    Raises:
+        UserError: as `resolve_backend`, e.g. "triton" where it cannot run.
+    """
+    resolved = resolve_backend(backend, device)
+    device = torch.device(device)
+    if backend != "auto":
+        return resolved, f"ssd_backend: {backend}", None
+    if resolved == "triton":
+        return resolved, "auto: CUDA with mamba-ssm's fused kernel", None
+    if device.type != "cuda":
+        return resolved, f"auto: the fused kernel runs on CUDA only, this run is on {device.type}", None
+    error = mamba_import_error() or "its kernels did not import earlier in this process"
+    warning = (
+        f"ssd_backend auto falls back to the slower PyTorch scan on CUDA: mamba-ssm does not import ({error}); "
+        f"install the fused kernel with `{INSTALL_COMMAND}`, or set ssd_backend: torch to silence this"
+    )
+    return resolved, "auto: mamba-ssm does not import", warning
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
