@@ -309,3 +309,19 @@ def test_load_network_weights_from_reference_and_lightning_files(tmp_path):
     assert all(torch.equal(other.state_dict()[k], v + 1) for k, v in sasrec.state_dict().items())
     with pytest.raises(UserError, match="missing"):
         load_network_weights(other, ref_path)  # TiM4Rec weights into SASRec
+
+
+def test_checkpoints_with_the_reference_time_path_names_load_strictly_into_the_lightning_module():
+    """Checkpoints written before the time path's parameters moved into submodules use the reference names."""
+    from tim4rec_pl.lightning_module import SeqRecModule
+
+    sd = random_reference_state_dict(n_items=20, d_model=16, max_seq_len=6, num_layers=2, d_state=8, head_dim=8)
+    module = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
+    module.load_state_dict({"network." + k: v for k, v in sd.items()}, strict=True)
+    ours = dict(sd)
+    upgrade_state_dict(ours)
+    assert set(ours) == set(module.network.state_dict()) and set(ours) != set(sd)
+    assert all(torch.equal(module.network.state_dict()[k], v) for k, v in ours.items())
+    fresh = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
+    fresh.load_state_dict(module.state_dict(), strict=True)  # and today's names load as they are
+    assert all(torch.equal(fresh.network.state_dict()[k], v) for k, v in ours.items())

@@ -174,25 +174,26 @@ class TiM4Rec(nn.Module):
         self.apply(partial(init_recsys_weights, std=0.02, kaiming_conv=kaiming_init))
         self.register_load_state_dict_pre_hook(_reference_names)
 
-    def encode(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
-        """Hidden states at every position, (B, L, d). `item_seq_len` is unused (kept for a uniform API)."""
-        return self._run(item_seq, timestamps, index=None)
-
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
-        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d)."""
-        return self._run(item_seq, timestamps, index=item_seq_len - 1)
-
-    def _run(self, item_seq: Tensor, timestamps: Tensor, index: Tensor | None) -> Tensor:
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor, *, every_position: bool = False
+    ) -> Tensor:
+        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d); with `every_position`,
+        the hidden states at every position, (B, L, d) (`encode`)."""
         self._check_inputs(item_seq, timestamps)
+        index = None if every_position else item_seq_len - 1  # (B,)
         # 1. Item embeddings: h = LayerNorm(Dropout(E[item])), (B, L, d).
         h = self.in_layer_norm(self.dropout(self.item_embedding(item_seq)))
         # 2. The time path's state: tau (B, H, L) on the reference path; gaps and real positions on the causal one.
         time = self.time(item_seq, timestamps)
-        # 3. The layers; the last one computes its position-wise part at `index` only (when given): (B, d).
+        # 3. The layers; the last one computes its position-wise part at `index` only: (B, d).
         last = len(self.ssd_layers) - 1
         for i, layer in enumerate(self.ssd_layers):
             h, time = layer(h, time, index if i == last else None)  # (B, L, d), or (B, d) after the last
         return h
+
+    def encode(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
+        """Hidden states at every position, (B, L, d). `item_seq_len` is unused (kept for a uniform API)."""
+        return self.forward(item_seq, item_seq_len, timestamps, every_position=True)
 
     def score_all(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
         """Scores of every item, padding item 0 included, (B, num_items)."""
