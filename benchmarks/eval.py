@@ -103,12 +103,14 @@ def model_worker(args: argparse.Namespace) -> dict:
     """ML-1M-sized validation pass: TiM4Rec forward + full_ranks over every user, in batches."""
     import torch
 
+    from tim4rec_pl import inference
     from tim4rec_pl.metrics import full_ranks
     from tim4rec_pl.model.tim4rec import TiM4Rec
 
     torch.manual_seed(0)
     dev, users, items, L = args.device, args.users, args.items, args.seq_len
     net = TiM4Rec(num_items=items + 1, max_seq_len=L).to(dev).eval()  # the paper's ML-1M 64d defaults
+    encoder = inference.for_network(net)  # what validation runs
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(20, L + 1, (users,), generator=gen)  # (U,)
     lengths[torch.rand(users, generator=gen) < 1 / 3] = L  # long ML-1M histories fill the window
@@ -124,7 +126,7 @@ def model_worker(args: argparse.Namespace) -> dict:
     def one_batch(sl: slice) -> tuple[float, float]:
         seq, ln, ts, tg = (t[sl].to(dev) for t in (item_seq, lengths, timestamps, target))
         t0 = time.perf_counter()
-        repr_ = net(seq, ln, ts)  # (B, d)
+        repr_ = encoder(seq, ln, ts)  # (B, d)
         _sync(dev)
         t1 = time.perf_counter()
         full_ranks(repr_, weight, tg, args.block)

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sliced-baseline",
         action="store_true",
-        help="add sasrec+slices: SASRec inference with TiM4Rec's batch slices side by side (tim4rec_pl.model.parallel)",
+        help="add sasrec+slices: SASRec inference with TiM4Rec's batch slices side by side "
+        "(tim4rec_pl.inference.parallel)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model and L (default 3; quick 2)")
     p.add_argument(
@@ -112,6 +113,7 @@ def make_variants(args: argparse.Namespace, device) -> list[Variant]:
 def build(variant: Variant, length: int, device):
     import torch
 
+    from tim4rec_pl import inference
     from tim4rec_pl.model.sasrec import SASRec
     from tim4rec_pl.model.tim4rec import TiM4Rec
 
@@ -122,14 +124,18 @@ def build(variant: Variant, length: int, device):
         net = SASRec(NUM_ITEMS, max_seq_len=length, attn_dropout=0.0 if variant.base == "sasrec-flash" else 0.5)
     net = net.to(device)
     fn = torch.compile(net) if variant.compile else net
+    # Inference runs what validation runs: the network's inference encoder (tim4rec_pl.inference), or the compiled
+    # network itself for +compile variants.
+    infer = fn if variant.compile else inference.for_network(net)
     if variant.sliced:
-        from tim4rec_pl.model import parallel
+        from tim4rec_pl.inference import parallel
 
         def fn(item_seq, item_seq_len, timestamps, _net=net):
             ranges = parallel.slices(item_seq.shape[0], item_seq.shape[1], item_seq.device)
             return parallel.run_sliced(_net, ranges, item_seq, item_seq_len, timestamps)
 
-    return net, fn, torch.optim.Adam(net.parameters(), lr=1e-3)
+        infer = fn
+    return net, fn, torch.optim.Adam(net.parameters(), lr=1e-3), infer
 
 
 def synthetic_batch(n: int, length: int, device, seed: int = 0) -> dict:
@@ -286,7 +292,7 @@ def memory_supported(device) -> bool:
 
 
 def activation_memory(
-    variant: Variant, net, fn, opt, batch: dict, size: int, infer_size: int, device
+    variant: Variant, net, fn, opt, infer, batch: dict, size: int, infer_size: int, device
 ) -> tuple[float, float]:
     """Peak bytes per sample above the resting state: a training micro-batch (gradient buffers already allocated,
     as for every micro-batch after a step's first), and an inference batch."""
@@ -298,7 +304,7 @@ def activation_memory(
         train_micro(variant, net, fn, mb, n)
     opt.zero_grad(set_to_none=True)
     with PeakMemory(device) as m_infer:
-        time_infer(variant, net, fn, chunk(batch, 0, infer_size), infer_size, 1, Clock(device))
+        time_infer(variant, net, infer, chunk(batch, 0, infer_size), infer_size, 1, Clock(device))
     return m_train.peak / size, m_infer.peak / infer_size
 
 
@@ -311,18 +317,19 @@ def bench_length(variants: list[Variant], length: int, args: argparse.Namespace,
     probe = micro_size(args.batch_size, length, args.probe_tokens)
     built, sizes, memory = {}, {}, {}
     for v in variants:  # build, warm up (compilation, allocator, first touch), measure memory, size micro-batches
-        net, fn, opt = build(v, length, device)
+        net, fn, opt, infer = build(v, length, device)
         t = time.perf_counter()
         time_train(v, net, fn, opt, batch, probe, 1, clock)
         if mem_ok:
-            memory[v.name] = activation_memory(v, net, fn, opt, batch, probe, probe, device)  # to size micro-batches
+            # to size micro-batches
+            memory[v.name] = activation_memory(v, net, fn, opt, infer, batch, probe, probe, device)
         per_train, per_infer = memory.get(v.name, (length * 20e3, length * 5e3))  # rough fallback, bytes
         sizes[v.name] = (micro_size(args.batch_size, per_train, budget), micro_size(args.batch_size, per_infer, budget))
         if mem_ok:  # what is reported: the memory at the micro-batch sizes the run uses
-            memory[v.name] = activation_memory(v, net, fn, opt, batch, *sizes[v.name], device)
+            memory[v.name] = activation_memory(v, net, fn, opt, infer, batch, *sizes[v.name], device)
         time_train(v, net, fn, opt, batch, sizes[v.name][0], 1, clock)
-        time_infer(v, net, fn, batch, sizes[v.name][1], 1, clock)
-        built[v.name] = (net, fn, opt)
+        time_infer(v, net, infer, batch, sizes[v.name][1], 1, clock)
+        built[v.name] = (net, fn, opt, infer)
         log(
             f"  L={length} {v.name}: micro-batches {sizes[v.name][0]} (train) / {sizes[v.name][1]} (inference); "
             f"set up in {time.perf_counter() - t:.1f}s"
@@ -330,16 +337,16 @@ def bench_length(variants: list[Variant], length: int, args: argparse.Namespace,
     # Warm up once more: measuring memory (above) hands freed heap back to the OS (malloc_trim), which would make
     # the first timed step of every variant set up before it page-fault its buffers again.
     for v in variants:
-        time_train(v, *built[v.name], batch, sizes[v.name][0], 1, clock)
-        time_infer(v, built[v.name][0], built[v.name][1], batch, sizes[v.name][1], 1, clock)
+        time_train(v, *built[v.name][:3], batch, sizes[v.name][0], 1, clock)
+        time_infer(v, built[v.name][0], built[v.name][3], batch, sizes[v.name][1], 1, clock)
     train = {v.name: [] for v in variants}
     infer = {v.name: [] for v in variants}
     for rep in range(args.repeats):  # interleaved: every model sees the same machine load
         for v in variants:
-            train[v.name].append(time_train(v, *built[v.name], batch, sizes[v.name][0], args.timed_micro, clock))
+            train[v.name].append(time_train(v, *built[v.name][:3], batch, sizes[v.name][0], args.timed_micro, clock))
         for v in variants:
             infer[v.name].append(
-                time_infer(v, built[v.name][0], built[v.name][1], batch, sizes[v.name][1], args.timed_micro, clock)
+                time_infer(v, built[v.name][0], built[v.name][3], batch, sizes[v.name][1], args.timed_micro, clock)
             )
         log(
             f"  L={length} repeat {rep + 1}/{args.repeats}: "

@@ -1,8 +1,9 @@
-"""A slow, loop-based float64 reference of TiM4Rec, written from the text of SPEC §3 only.
+"""A slow, loop-based float64 reference of TiM4Rec, written from the paper's description of the network.
 
-It works on a raw state dict with the keys of the SPEC's "Reference parameter names" table, one sequence at a
-time, with the SSD as its plain sequential recurrence and the convolutions as explicit sums over the kernel.
-It shares no code with `tim4rec_pl`, so the tests can hold the fast model against it.
+It works on a raw state dict with the reference checkpoints' parameter names (docs/model.md, "Reference
+checkpoints"), one sequence at a time, with the convolutions as explicit sums over the kernel. Apart from the SSD
+itself, which is the package's plain definition (`tim4rec_pl.model.ssd_minimal`, tested on its own in
+test_ssd.py), it shares no code with `tim4rec_pl`, so the tests can hold the model against it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from tim4rec_pl.model.ssd_minimal import ssd_recurrence, step_sizes
 
 F64 = torch.float64
 
@@ -30,7 +33,7 @@ def random_reference_state_dict(
     p2p_residual: bool = False,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """A state dict laid out like a reference checkpoint (SPEC key table), with random float32 values.
+    """A state dict laid out like a reference checkpoint (its parameter names), with random float32 values.
 
     Scales are chosen so every path carries signal: O(1) activations, decays between ~0.05 and ~1 per step.
     """
@@ -152,15 +155,11 @@ def _tissd(sd: dict, s: str, u: Tensor, tau: Tensor | None, norm_eps: float, act
         dt = dt * q
         q = q.T  # (H, L)
 
-    y = torch.empty(length, d_inner, dtype=F64)
-    for head in range(h):
-        a = -math.exp(float(sd[s + "A_log"][head]))
-        cols = slice(head * p, (head + 1) * p)
-        state = torch.zeros(p, n, dtype=F64)
-        for t in range(length):
-            delta = _softplus(float(dt[t, head] + sd[s + "dt_bias"][head]))
-            state = math.exp(delta * a) * state + delta * torch.outer(x[t, cols], bm[t])
-            y[t, cols] = state @ cm[t] + sd[s + "D"][head] * x[t, cols]
+    delta = step_sizes(dt, sd[s + "dt_bias"])  # (L, H)
+    a = -torch.exp(sd[s + "A_log"])  # (H,)
+    bm, cm = bm.view(1, length, 1, n), cm.view(1, length, 1, n)  # one sequence, one group
+    y, _ = ssd_recurrence(x.view(1, length, h, p), delta[None], a, bm, cm, sd[s + "D"])
+    y = y.view(length, d_inner)
 
     gated = y * _silu(z)
     gated = gated / torch.sqrt((gated**2).mean(-1, keepdim=True) + norm_eps) * sd[s + "norm.weight"]
@@ -183,7 +182,13 @@ def reference_encode(
     conv_activation: str = "hardswish",
 ) -> Tensor:
     """Hidden states at every position, (B, L, d), float64, eval mode (no dropout)."""
-    sd = {k: v.detach().to(F64) for k, v in state_dict.items()}
+    # This package keeps the time path's parameters in submodules; read its state dicts with the reference names.
+    names = {"time.layer_norm_time.": "layer_norm_time.", ".ssd.time_scale.": ".ssd."}
+    sd = {}
+    for k, v in state_dict.items():
+        for ours, ref in names.items():
+            k = ref + k[len(ours) :] if ours.startswith("time.") and k.startswith(ours) else k.replace(ours, ref)
+        sd[k] = v.detach().to(F64)
     act = {"hardswish": _hardswish, "silu": _silu}[conv_activation]
     num_layers = len({k.split(".")[1] for k in sd if k.startswith("ssd_layers.")})
     is_time = "layer_norm_time.weight" in sd

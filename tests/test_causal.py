@@ -1,4 +1,4 @@
-"""The causal time path (issue #8): slow reference, causality, padding invariance, any length, all-position training."""
+"""The causal time path: slow reference, causality, padding invariance, any length, all-position training."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def test_any_window_length_and_no_parameter_depends_on_it():
 
 def test_reference_path_unchanged_and_refuses_other_lengths():
     ref = TiM4Rec(40, max_seq_len=8, d_model=16, d_state=8, head_dim=8)
-    assert "layer_norm_time.weight" in ref.state_dict() and not ref.supports_all_positions
+    assert "time.layer_norm_time.weight" in ref.state_dict() and not ref.supports_all_positions
     assert causal_net().supports_all_positions and TiM4Rec(40, is_time=False).supports_all_positions
     assert not any("mlp4time" in k or "layer_norm_time" in k for k in causal_net().state_dict())
     items, lens, ts = batch([9], 9)
@@ -269,7 +269,8 @@ def test_all_position_training_through_the_cli(tmp_path, data_file, monkeypatch)
     test = run_cli(["test", *args, "--ckpt_path", "best"])
     assert 0.0 < float(test.trainer.callback_metrics["test/hr@20"]) <= 1.0
 
-    # validation and test keep the SPEC §5 protocol: the same histories and targets as prefix training
+    # validation and test keep the evaluation protocol (docs/evaluation.md): the histories and targets of prefix
+    # training
     prefix = SeqRecDataModule(path=str(data_file), data_dir=str(tmp_path / "data"), max_seq_len=10)
     prefix.setup("fit")
     for split in ("val", "test"):

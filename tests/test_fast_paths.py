@@ -1,7 +1,7 @@
-"""The speed paths of issue #7 compute what the plain paths compute.
+"""The training speed paths compute what the plain paths compute.
 
-- `ssd_output_at` (the last layer's SSD at one position per sequence) against a float64 step-by-step recurrence,
-  values and gradients;
+- `ssd_output_at` (the last layer's SSD at one position per sequence) against the plain recurrence
+  (`tim4rec_pl.model.ssd_minimal`) in float64, values and gradients;
 - the networks' `forward` (last layer evaluated at the output position only) against `encode` read at that
   position, values and parameter gradients, for both time paths and without time.
 """
@@ -14,28 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tim4rec_pl.model.layers import Dropout, ssd_output_at
+from tim4rec_pl.model.ssd_minimal import ssd_recurrence, step_sizes
 from tim4rec_pl.model.tim4rec import TiM4Rec
 
 F64 = torch.float64
 
 
 def recurrence_outputs(x, dt, A, B, C, D, dt_bias) -> Tensor:
-    """y_t for every t by the definition: S_t = exp(delta_t A) S_(t-1) + delta_t x_t B_t^T, y_t = S_t C_t + D x_t."""
-    b, length, h, p = x.shape
-    heads_per_group = h // B.shape[2]
-    delta = F.softplus(dt + dt_bias)  # (b, L, H)
-    state = x.new_zeros(b, h, p, B.shape[3])
-    ys = []
-    for t in range(length):
-        bt = B[:, t].repeat_interleave(heads_per_group, dim=1)  # (b, H, N)
-        ct = C[:, t].repeat_interleave(heads_per_group, dim=1)  # (b, H, N)
-        d = delta[:, t, :, None, None]  # (b, H, 1, 1)
-        state = torch.exp(d * A[:, None, None]) * state + d * x[:, t, :, :, None] * bt[:, :, None, :]
-        y = torch.einsum("bhpn,bhn->bhp", state, ct)
-        if D is not None:
-            y = y + (D[:, None] if D.dim() == 1 else D) * x[:, t]
-        ys.append(y)
-    return torch.stack(ys, 1)  # (b, L, H, P)
+    """y_t for every t by the definition (`ssd_minimal.ssd_recurrence`), from raw step sizes."""
+    return ssd_recurrence(x, step_sizes(dt, dt_bias), A, B, C, D)[0]  # (b, L, H, P)
 
 
 def inputs(b=4, length=37, h=4, p=8, g=2, n=6, D="h", seed=0) -> dict:
@@ -82,7 +69,7 @@ def test_ssd_output_at_takes_ready_step_sizes() -> None:
     delta = F.softplus(args["dt"] + args["dt_bias"])
     delta[:, 30:] = 0.0  # padding: the state passes unchanged
     index = torch.tensor([29, 29, 10, 36])
-    want = recurrence_outputs(**{**args, "dt": torch.log(torch.expm1(delta.clamp(min=1e-300))), "dt_bias": 0.0})
+    want, _ = ssd_recurrence(args["x"], delta, args["A"], args["B"], args["C"], args["D"])
     got = ssd_output_at(args["x"], delta, args["A"], args["B"], args["C"], index, D=args["D"])
     torch.testing.assert_close(got, want[torch.arange(4), index], rtol=1e-9, atol=1e-9)
 

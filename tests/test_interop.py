@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference_impl import full_sort_predict, random_reference_state_dict
 
-from tim4rec_pl import interop
+from tim4rec_pl import inference, interop
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.interop import (
     load_network_weights,
@@ -21,6 +21,7 @@ from tim4rec_pl.interop import (
 )
 from tim4rec_pl.model.sasrec import SASRec
 from tim4rec_pl.model.tim4rec import TiM4Rec
+from tim4rec_pl.model.time_path import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +126,8 @@ def test_loaded_checkpoint_matches_reference(tmp_path, layers, is_time, p2p):
     ref = full_sort_predict(sd, seq, lens, ts, norm_eps=eps)
     with torch.no_grad():
         assert (model.score_all(seq, lens, ts).double() - ref).abs().max() < 1e-4
+        fast = inference.for_network(model)(seq, lens, ts) @ model.item_embedding.weight.T  # what validation runs
+        assert (fast.double() - ref).abs().max() < 1e-4
         assert (model.double().score_all(seq, lens, ts) - ref).abs().max() < 1e-9  # norm_eps really is 1e-5
 
 
@@ -281,7 +284,9 @@ def test_load_network_weights_from_reference_and_lightning_files(tmp_path):
     save_reference_checkpoint(ref_path, sd, {"norm_eps": 1e-12}, as_object=True)
     net = TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8)
     load_network_weights(net, ref_path)
-    assert all(torch.equal(net.state_dict()[k], sd[k]) for k in sd)
+    ours = dict(sd)
+    upgrade_state_dict(ours)  # the reference time-path names, as this package names them
+    assert all(torch.equal(net.state_dict()[k], ours[k]) for k in ours)
 
     for prefix in ("network.", "network._orig_mod."):  # ours, and ours saved from a compiled network
         ckpt = {
@@ -294,7 +299,7 @@ def test_load_network_weights_from_reference_and_lightning_files(tmp_path):
         torch.save(ckpt, ckpt_path)
         fresh = TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8)
         load_network_weights(fresh, ckpt_path)
-        assert all(torch.equal(fresh.state_dict()[k], sd[k]) for k in sd)
+        assert all(torch.equal(fresh.state_dict()[k], ours[k]) for k in ours)
 
     sasrec = SASRec(20, max_seq_len=6, d_model=16)
     sas_path = tmp_path / "sasrec.ckpt"
@@ -304,3 +309,19 @@ def test_load_network_weights_from_reference_and_lightning_files(tmp_path):
     assert all(torch.equal(other.state_dict()[k], v + 1) for k, v in sasrec.state_dict().items())
     with pytest.raises(UserError, match="missing"):
         load_network_weights(other, ref_path)  # TiM4Rec weights into SASRec
+
+
+def test_checkpoints_with_the_reference_time_path_names_load_strictly_into_the_lightning_module():
+    """Checkpoints written before the time path's parameters moved into submodules use the reference names."""
+    from tim4rec_pl.lightning_module import SeqRecModule
+
+    sd = random_reference_state_dict(n_items=20, d_model=16, max_seq_len=6, num_layers=2, d_state=8, head_dim=8)
+    module = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
+    module.load_state_dict({"network." + k: v for k, v in sd.items()}, strict=True)
+    ours = dict(sd)
+    upgrade_state_dict(ours)
+    assert set(ours) == set(module.network.state_dict()) and set(ours) != set(sd)
+    assert all(torch.equal(module.network.state_dict()[k], v) for k, v in ours.items())
+    fresh = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
+    fresh.load_state_dict(module.state_dict(), strict=True)  # and today's names load as they are
+    assert all(torch.equal(fresh.network.state_dict()[k], v) for k, v in ours.items())

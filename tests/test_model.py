@@ -196,7 +196,7 @@ def test_causal_in_items_and_forward_is_last_position(net):
 
 
 def test_faithful_time_path_sees_all_timestamps():
-    """SPEC §9: the reference time path mixes positions, so a later timestamp changes earlier outputs;
+    """The reference time path mixes positions (docs/model.md), so a later timestamp changes earlier outputs;
     without the time path, timestamps are ignored."""
     seq, lens, ts = make_batch([12, 12], 12, 30, seed=4, unix=False)
     later = ts.clone()
@@ -223,7 +223,7 @@ def test_tim4rec_initialisation_statistics():
     assert abs(weights.std().item() - 0.02) < 0.0005 and abs(weights.mean().item()) < 0.0005
     assert all(torch.all(m.bias == 0) for m in linears)
     # the time path's Linear(L -> L) layers are covered by the blanket pass too
-    assert abs(model.ssd_layers[0].ssd.mlp4time_scale[1].weight.std().item() - 0.02) < 0.002
+    assert abs(model.ssd_layers[0].ssd.time_scale.mlp4time_scale[1].weight.std().item() - 0.02) < 0.002
     emb = model.item_embedding.weight
     assert abs(emb.std().item() - 0.02) < 0.001
     assert emb[0].abs().sum() > 0  # the blanket init overwrites the padding row
@@ -243,7 +243,7 @@ def test_tim4rec_initialisation_statistics():
     fan_out = convs[0].weight.shape[0] * convs[0].weight.shape[2]
     assert abs(w.std().item() / math.sqrt(2.0 / fan_out) - 1) < 0.06
     assert all(torch.all(c.bias == 0) for c in convs)
-    assert all(torch.all(layer.ssd.conv1d4time_1.bias == 0) for layer in model.ssd_layers)
+    assert all(torch.all(layer.ssd.time_scale.conv1d4time_1.bias == 0) for layer in model.ssd_layers)
 
 
 def test_tim4rec_pytorch_default_conv_init():
@@ -302,7 +302,7 @@ def test_tim4rec_overfits_a_tiny_batch_and_every_used_parameter_gets_gradient():
     first, last, grads = _overfit(model)
     assert first > 2.5 and last < 0.1 * first
     # The last layer's next time state feeds nothing, so its gate and LayerNorm get no gradient (as in the reference)
-    unused = ("ssd_layers.1.ssd.time_gate_residual", "ssd_layers.1.ssd.time_layer_norm")
+    unused = ("ssd_layers.1.ssd.time_scale.time_gate_residual", "ssd_layers.1.ssd.time_scale.time_layer_norm")
     for name, g in grads.items():
         if name.startswith(unused):
             assert g is None, name
@@ -360,91 +360,3 @@ def test_wrong_sequence_length_is_a_user_error():
         SASRec(10, max_seq_len=4, d_model=16)(seq, lens, ts)
     with pytest.raises(UserError, match="num_heads"):
         SASRec(10, d_model=16, num_heads=3)
-
-
-# ------------------------------------------------------------------------------------ the inference fast path
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(), dict(is_time=False), dict(time_path="causal"), dict(num_layers=1), dict(num_layers=3, is_ffn=False)],
-    ids=["reference", "ssd4rec", "causal", "one-layer", "three-layers"],
-)
-def test_inference_equals_the_training_computation(kwargs):
-    """Without autograd the first layer reads its input projection from a per-item table and the scan runs the
-    factorised inference path; scores equal the training-mode computation (autograd on, table off)."""
-    seq, lens, ts = make_batch([12, 7, 1, 12], 12, 40, seed=3)
-    torch.manual_seed(1)
-    model = TiM4Rec(40, max_seq_len=12, d_model=16, d_state=8, head_dim=8, chunk_size=4, **kwargs).eval()
-    slow = model.score_all(seq, lens, ts)  # autograd on: no table, the autograd scan
-    assert slow.requires_grad and "_item_table_cache" not in model.__dict__
-    with torch.inference_mode():
-        fast = model.score_all(seq, lens, ts)
-    assert "_item_table_cache" in model.__dict__
-    assert (fast - slow.detach()).abs().max() < 1e-5 * slow.abs().max()
-
-
-def test_inference_item_table_follows_weight_updates_and_is_never_saved():
-    seq, lens, ts = make_batch([9, 4], 9, 25, seed=4)
-    torch.manual_seed(2)
-    model = TiM4Rec(25, max_seq_len=9, d_model=16, d_state=8, head_dim=8, chunk_size=4)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(2):
-        model.eval()
-        with torch.no_grad():
-            fast = model.score_all(seq, lens, ts)
-        assert torch.allclose(fast, model.score_all(seq, lens, ts).detach(), atol=1e-5)
-        model.train()
-        opt.zero_grad()
-        model.score_all(seq, lens, ts).logsumexp(-1).sum().backward()
-        opt.step()  # updates every weight in place: the cached table is stale now
-    with torch.no_grad():
-        model.item_embedding.weight[3] += 1.0  # a direct in-place edit is seen too
-        model.eval()
-        fast = model.score_all(seq, lens, ts)
-    assert torch.allclose(fast, model.score_all(seq, lens, ts).detach(), atol=1e-5)
-    assert not any("table" in k for k in model.state_dict())
-
-
-def test_no_item_table_for_huge_catalogues_or_under_autocast(monkeypatch):
-    import tim4rec_pl.model.tim4rec as tim
-
-    seq, lens, ts = make_batch([6, 3], 6, 30)
-    model = TiM4Rec(30, max_seq_len=6, d_model=16, d_state=8, head_dim=8).eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(seq, lens, ts)
-    assert "_item_table_cache" not in model.__dict__
-    monkeypatch.setattr(tim, "_ITEM_TABLE_BYTES", 1000)
-    with torch.no_grad():
-        model(seq, lens, ts)
-    assert "_item_table_cache" not in model.__dict__
-
-
-def test_batch_parallel_inference_equals_one_call(monkeypatch):
-    """On a multi-threaded CPU, inference runs slices of the batch side by side: same scores, threads restored,
-    and never under autograd."""
-    from tim4rec_pl.model import parallel
-
-    monkeypatch.setattr(parallel, "MIN_TOKENS", 1)
-    used = []
-    real = parallel.run_sliced
-    monkeypatch.setattr(parallel, "run_sliced", lambda fn, ranges, *t: used.append(ranges) or real(fn, ranges, *t))
-    seq, lens, ts = make_batch([12, 7, 1, 12, 5], 12, 40, seed=5)
-    torch.manual_seed(3)
-    model = TiM4Rec(40, max_seq_len=12, d_model=16, d_state=8, head_dim=8, chunk_size=4).eval()
-    with torch.inference_mode():
-        one = model(seq, lens, ts)  # the test runs on one thread: one call
-    assert used == []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            sliced = model(seq, lens, ts)
-        assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
-        with torch.no_grad():
-            sliced_no_grad = model(seq, lens, ts)
-        trained = model(seq, lens, ts)  # autograd on: one call
-    finally:
-        torch.set_num_threads(threads)
-    assert used == [[(0, 2), (2, 5)], [(0, 2), (2, 5)]]
-    assert not sliced.requires_grad and trained.requires_grad
-    for out in (sliced, sliced_no_grad, trained.detach()):
-        assert torch.allclose(out, one, atol=1e-5)

@@ -1,4 +1,8 @@
-"""The SSD scan against an independent float64 sequential recurrence (SPEC §3 step 4)."""
+"""The SSD: the plain definition's two forms agree, and the scan backends (values and gradients) equal it.
+
+The definition is `tim4rec_pl.model.ssd_minimal` (recurrence and chunked einsum form), in float64. The forward-only
+inference scan is tested in test_inference.py.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+import tim4rec_pl.model.chunked_scan as chunked
 import tim4rec_pl.model.ssd as ssd
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.ssd import resolve_backend, ssd_scan, ssd_step
+from tim4rec_pl.model.ssd_minimal import segsum, ssd_chunked, ssd_recurrence, step_sizes
 
 F64 = torch.float64
 
@@ -27,23 +32,8 @@ def recurrence(
     dt_softplus: bool = True,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The definition, one position at a time, in the inputs' dtype: returns y (b, L, H, P), final (b, H, P, N)."""
-    b, length, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    delta = dt if dt_bias is None else dt + dt_bias
-    delta = F.softplus(delta) if dt_softplus else delta
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
-    ys = []
-    for t in range(length):
-        for_heads = [hh // (h // g) for hh in range(h)]  # head -> its group
-        bt, ct = B[:, t, for_heads], C[:, t, for_heads]  # (b, H, N)
-        d = delta[:, t, :, None, None]  # (b, H, 1, 1)
-        state = torch.exp(d * A[:, None, None]) * state + d * x[:, t, :, :, None] * bt[:, :, None, :]
-        y = torch.einsum("bhpn,bhn->bhp", state, ct)
-        if D is not None:
-            y = y + (D[:, None] if D.dim() == 1 else D) * x[:, t]
-        ys.append(y)
-    return torch.stack(ys, 1) if ys else x.new_zeros(x.shape), state
+    """The definition on raw step sizes (`ssd_minimal`): returns y (b, L, H, P), final (b, H, P, N)."""
+    return ssd_recurrence(x, step_sizes(dt, dt_bias, dt_softplus), A, B, C, D, initial_state)
 
 
 def make_inputs(
@@ -59,7 +49,7 @@ def make_inputs(
     dt_scale: float = 1.0,
     seed: int = 0,
 ) -> dict:
-    """Realistic values: dt ~ N(0, 1) before softplus, dt_bias and A from the SPEC's init, C.B ~ N(0, 1)."""
+    """Realistic values: dt ~ N(0, 1) before softplus, dt_bias and A from the model's init, C.B ~ N(0, 1)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> Tensor:
@@ -86,10 +76,54 @@ def as64(inputs: dict) -> dict:
     return {k: (v.to(F64) if v is not None else None) for k, v in inputs.items()}
 
 
+# ------------------------------------------------------------------------------------------ the plain definition
+def test_segsum_by_hand() -> None:
+    a = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    want = torch.tensor([[0, -math.inf, -math.inf], [2, 0, -math.inf], [6, 4, 0]], dtype=F64)
+    assert torch.equal(segsum(a), want)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize(
+    "g, D, initial_state", [(1, "h", False), (2, "hp", True), (4, None, True)], ids=["D", "groups+init", "G=H"]
+)
+def test_recurrence_equals_chunked_form(chunk: int, g: int, D: str | None, initial_state: bool) -> None:
+    """The two forms of the definition agree in float64 for any chunk size (padded last chunk included)."""
+    inputs = make_inputs(length=37, g=g, D=D, initial_state=initial_state)
+    delta = step_sizes(inputs["dt"], inputs["dt_bias"])
+    args = (inputs["x"], delta, inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["initial_state"])
+    y_rec, final_rec = ssd_recurrence(*args)
+    y_chunk, final_chunk = ssd_chunked(*args, chunk_size=chunk)
+    assert 0.3 < y_rec.abs().max() < 30
+    torch.testing.assert_close(y_chunk, y_rec, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final_chunk, final_rec, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("q", [1, 5, 16, 40])
+def test_training_scan_equals_the_definition_values_and_gradients(q: int) -> None:
+    """`_ChunkedScan` (the torch backend's autograd Function, hand-written backward) against `ssd_chunked` under
+    autograd, float64: outputs, final state and the gradients of every input."""
+    inputs = make_inputs(b=3, length=29, h=4, p=3, n=5, g=2, D="hp", initial_state=True)
+    delta = step_sizes(inputs["dt"], inputs["dt_bias"])
+    leaves = [t.clone().requires_grad_() for t in (inputs["x"], delta, inputs["A"], inputs["B"], inputs["C"])]
+    leaves += [inputs["D"].clone().requires_grad_(), inputs["initial_state"].clone().requires_grad_()]
+    gen = torch.Generator().manual_seed(5)
+    wy = torch.randn(inputs["x"].shape, generator=gen, dtype=F64)
+    wf = torch.randn(inputs["initial_state"].shape, generator=gen, dtype=F64)
+    y_ref, final_ref = ssd_chunked(*leaves, chunk_size=8)
+    want = torch.autograd.grad((y_ref * wy).sum() + (final_ref * wf).sum(), leaves)
+    y, final = chunked._ChunkedScan.apply(*leaves, q, True)
+    got = torch.autograd.grad((y * wy).sum() + (final * wf).sum(), leaves)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-12)
+    for name, w, g in zip(["x", "delta", "A", "B", "C", "D", "initial_state"], want, got):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=name)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let chunk_size set the torch backend's block length directly (by default it never goes below 48)."""
-    monkeypatch.setattr(ssd, "_MIN_TORCH_BLOCK", 1)
+    monkeypatch.setattr(chunked, "_MIN_TORCH_BLOCK", 1)
 
 
 @pytest.mark.parametrize("length", [1, 7, 32, 33, 100, 1024])
@@ -106,58 +140,6 @@ def test_float32_matches_float64_recurrence(length: int, g: int, D: str | None, 
     assert (final.double() - final_ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("length", [1, 7, 50, 77, 200, 1024])
-@pytest.mark.parametrize(
-    "g, D, initial_state", [(1, "h", False), (1, None, True), (2, "hp", True)], ids=["D", "init", "groups"]
-)
-def test_inference_and_autograd_paths_match_the_recurrence(
-    length: int, g: int, D: str | None, initial_state: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without autograd the factorised inference scan runs; with it, the autograd one: both equal the definition."""
-    calls = []
-    real = ssd._scan_inference
-    monkeypatch.setattr(ssd, "_scan_inference", lambda *a: calls.append(a[7]) or real(*a))
-    inputs = make_inputs(length=length, g=g, D=D, initial_state=initial_state, dtype=torch.float32)
-    y_ref, final_ref = recurrence(**as64(inputs))
-    with torch.no_grad():
-        y_inf, final_inf = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
-    assert len(calls) == 1
-    grad_inputs = dict(inputs, x=inputs["x"].clone().requires_grad_())
-    y_ag, final_ag = ssd_scan(**grad_inputs, dt_softplus=True, return_final_state=True)
-    assert len(calls) == 1 and y_ag.requires_grad  # autograd never takes the inference path
-    for y, final in ((y_inf, final_inf), (y_ag, final_ag)):
-        assert (y.double() - y_ref).abs().max() < 1e-5
-        assert (final.double() - final_ref).abs().max() < 1e-5
-
-
-def test_inference_path_shortens_blocks_then_falls_back_when_decays_spread_wide(monkeypatch: pytest.MonkeyPatch):
-    """Steps of ~30 spread a block's log-decays over thousands: the factorised path declines (its factors would
-    leave float32's range) and the exact path gives the answer; the result stays accurate and finite."""
-    inputs = make_inputs(length=120, dt_scale=30.0, initial_state=True, dtype=torch.float32)
-    blocks = []
-    real = ssd._scan_inference
-    monkeypatch.setattr(ssd, "_scan_inference", lambda *a: blocks.append(a[7]) or real(*a))
-    y_ref, final_ref = recurrence(**as64(inputs))
-    with torch.no_grad():
-        y, final = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
-    assert blocks == [40, 20, 10]  # each declined
-    assert (y.double() - y_ref).abs().max() < 1e-4 * y_ref.abs().max()
-    assert (final.double() - final_ref).abs().max() < 1e-4 * final_ref.abs().max()
-    blocks.clear()
-    gentle = make_inputs(length=120, dt_scale=1.0, dtype=torch.float32)
-    with torch.no_grad():
-        ssd_scan(**gentle, dt_softplus=True)
-    assert blocks == [40]  # accepted at once
-
-
-def test_inference_block_rule() -> None:
-    """Blocks of about 48 positions, a divisor of the length when one is near (no padded copies)."""
-    rule = ssd._inference_block
-    assert [rule(n, 32) for n in (1, 5, 50, 67, 200, 800, 3200)] == [1, 5, 50, 67, 50, 50, 50]
-    assert rule(199, 32) == 50 and rule(77, 32) == 39  # no divisor near: balanced blocks, the last one padded
-    assert rule(1000, 100) == 100
-
-
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("length", [33, 100])
 def test_small_blocks_match_recurrence(length: int) -> None:
@@ -169,21 +151,15 @@ def test_small_blocks_match_recurrence(length: int) -> None:
         assert (final - final_ref).abs().max() < 1e-12, chunk
 
 
-@pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "inference"])
+@pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "no-grad"])
 def test_batch_slices_change_nothing(autograd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = make_inputs(b=5, length=70, g=2, initial_state=True, dtype=torch.float32)
     if autograd:
         inputs["x"].requires_grad_()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the inference path slices the batch on one thread only
-    try:
-        whole = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
-        monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
-        monkeypatch.setattr(ssd, "_INFERENCE_SLICE_BYTES", 1)
-        assert ssd._slice_rows(inputs["x"], 2, 35) == 1
-        sliced = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
-    finally:
-        torch.set_num_threads(threads)
+    whole = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
+    monkeypatch.setattr(chunked, "_SLICE_BYTES", 1)
+    assert chunked._slice_rows(inputs["x"], 2, 35) == 1
+    sliced = ssd_scan(**inputs, dt_softplus=True, return_final_state=True)
     assert whole[0].requires_grad == autograd
     for a, b in zip(whole, sliced):
         assert (a - b).abs().max() < 1e-6
@@ -199,11 +175,11 @@ def test_chunk_size_changes_nothing_float32() -> None:
 
 
 def test_block_length_rule() -> None:
-    assert ssd._torch_block(50, 32) == 50  # the model's L = 50: one block, no state passing
-    assert ssd._torch_block(200, 32) == 50
-    assert ssd._torch_block(64, 32) == 65  # powers of two above 32 are slow in batched matmul
-    assert ssd._torch_block(1, 32) == 1
-    assert ssd._torch_block(1000, 256) == 250
+    assert chunked._torch_block(50, 32) == 50  # the model's L = 50: one block, no state passing
+    assert chunked._torch_block(200, 32) == 50
+    assert chunked._torch_block(64, 32) == 65  # powers of two above 32 are slow in batched matmul
+    assert chunked._torch_block(1, 32) == 1
+    assert chunked._torch_block(1000, 256) == 250
 
 
 GRAD_CASES = {
@@ -220,7 +196,7 @@ GRAD_CASES = {
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole-batch", "row-slices"])
 def test_gradients_match_recurrence(case: dict, use_final: bool, sliced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if sliced:  # the CPU path runs the batch in slices; one sequence per slice here
-        monkeypatch.setattr(ssd, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(chunked, "_SLICE_BYTES", 1)
     case = dict(case)
     chunk = case.pop("chunk")
     inputs = make_inputs(b=2, h=4, p=3, n=5, **case)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from tim4rec_pl.errors import UserError
-from tim4rec_pl.model.streaming import StreamState
-from tim4rec_pl.model.tim4rec import TiM4Rec
+from tim4rec_pl.model.tim4rec import StreamState, TiM4Rec
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.tim4rec import TiM4Rec
+from tim4rec_pl.model.time_path import upgrade_state_dict
 
 # ---------------------------------------------------------------------------------------------- restricted unpickler
 
@@ -282,8 +283,12 @@ def tim4rec_kwargs_from_checkpoint(state_dict: Mapping[str, Tensor], config: Map
 
 
 def _check_state_dict(network: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """UserError naming the first missing, mis-shaped or unexpected key (in the network's key order)."""
+    """UserError naming the first missing, mis-shaped or unexpected key (in the network's key order). Reference
+    time-path names are read as the network's (as `load_state_dict` does, `time_path.upgrade_state_dict`)."""
     expected = network.state_dict()
+    if isinstance(network, TiM4Rec):
+        state = dict(state)
+        upgrade_state_dict(state)
     hint = "build the network with the checkpoint's hyperparameters (num_layers, is_time, max_seq_len, d_model ...)"
     for key, value in expected.items():
         if key not in state:

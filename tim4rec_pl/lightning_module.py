@@ -2,7 +2,8 @@
 
 It joins a plain network from ``tim4rec_pl.model`` (TiM4Rec, SASRec, ...) with Lightning. A network must offer
 ``forward(item_seq, item_seq_len, timestamps) -> (B, d)``, ``encode(...) -> (B, L, d)`` and a tied output
-embedding ``item_embedding`` whose row 0 is the padding item.
+embedding ``item_embedding`` whose row 0 is the padding item. Training runs the plain network; validation, test
+and predict run its inference encoder (``tim4rec_pl.inference``: the same results, faster on CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tim4rec_pl import __version__
+from tim4rec_pl import __version__, inference
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.metrics import FullRankMetrics, full_ranks
 
@@ -58,6 +59,7 @@ class SeqRecModule(L.LightningModule):
             from tim4rec_pl.interop import load_network_weights
 
             load_network_weights(self.network, init_from)
+        self.encoder = inference.for_network(network)  # eval-mode forward without autograd (not a submodule)
         self._compiled = False
         self._compile = compile
         self.data_info: dict = {}  # data statistics and manifest checksum, recorded in checkpoints
@@ -153,7 +155,7 @@ class SeqRecModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- evaluation
     def _ranks(self, batch: dict[str, Tensor]) -> Tensor:
-        user_repr = self.network(*self._batch_inputs(batch))  # (B, d)
+        user_repr = self.encoder(*self._batch_inputs(batch))  # (B, d)
         return full_ranks(user_repr, self.network.item_embedding.weight, batch["target"], self.eval_block_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -177,7 +179,7 @@ class SeqRecModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """(B, d) sequence representations; ``tim4rec_pl.predict.PredictionWriter`` turns them into top-K items."""
-        return self.network(*self._batch_inputs(batch))
+        return self.encoder(*self._batch_inputs(batch))
 
     # ------------------------------------------------------------------------------------------------ DDP
     def _freeze_unreachable_parameters(self) -> None:

@@ -1,5 +1,6 @@
 """Small building blocks shared by the networks: causal depthwise convolutions, gated RMSNorm, the FFN, init, a fast
-CPU dropout, and the SSD output at one position (the last layer of a network that reads one position per sequence)."""
+CPU dropout, and the SSD output at one position (the last layer of a network that reads one position per sequence).
+The forward-only variants used for CPU inference live in `tim4rec_pl.inference.kernels`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tim4rec_pl.model.ssd_minimal import step_sizes
+
 
 def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d, channels: int | None = None) -> Tensor:
     """Causal depthwise convolution of a channels-last sequence with the weights of a depthwise `conv`.
@@ -16,7 +19,8 @@ def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d, channels: int | None =
     out[:, t, c] = bias[c] + sum_k weight[c, 0, k] * x[:, t - (K - 1) + k, c], with zeros before position 0.
     This equals `conv` applied with K - 1 zeros of left padding (first L outputs kept), but works on the
     (B, L, C) layout the projections produce, so no transposes or padded copies are needed; with its hand-written
-    backward it is about twice as fast as the depthwise Conv1d kernel on CPU (training hot path).
+    backward it is about twice as fast as the depthwise Conv1d kernel on CPU (training hot path). Inference on CPU
+    uses a oneDNN kernel instead (`tim4rec_pl.inference.kernels`).
 
     Args:
         x: input, (B, L, C); may be a strided slice of a wider tensor.
@@ -26,24 +30,9 @@ def causal_conv_channels_last(x: Tensor, conv: nn.Conv1d, channels: int | None =
     Returns:
         (B, L, C), contiguous.
     """
-    if not torch.is_grad_enabled() and x.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return _causal_conv_onednn(x, conv.weight[:channels], None if conv.bias is None else conv.bias[:channels])
     weight = conv.weight[:channels, 0, :].t().contiguous()  # (K, C)
     bias = conv.bias[:channels] if conv.bias is not None else weight.new_zeros(weight.shape[1])
     return _CausalDepthwiseConv.apply(x, weight, bias)
-
-
-def _causal_conv_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Inference: the same convolution as one oneDNN depthwise kernel, read as a channels-last 2-D convolution.
-
-    A (B, L, C) tensor viewed as (B, C, 1, L) is a channels-last image, which oneDNN convolves in one pass (about
-    2x faster than the shifted sums on CPU). Zero padding of K - 1 on both sides; the first L outputs are the
-    causal ones. Returns a (B, L, C) view (rows L + K - 1 apart).
-    """
-    k, length = weight.shape[-1], x.shape[1]
-    image = x.permute(0, 2, 1).unsqueeze(2)  # (B, C, 1, L), channels-last strides when x is (B, L, C) contiguous
-    out = F.conv2d(image, weight.unsqueeze(2), bias, padding=(0, k - 1), groups=weight.shape[0])  # (B, C, 1, L+K-1)
-    return out[..., :length].squeeze(2).permute(0, 2, 1)  # (B, L, C)
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
@@ -100,19 +89,6 @@ class GatedRMSNorm(nn.Module):
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def gated_norm_linear(norm: GatedRMSNorm, y: Tensor, z: Tensor, linear: nn.Linear) -> Tensor:
-    """`linear(norm(y, z))` with fewer passes over the wide (D_in) tensors, for inference (no autograd).
-
-    RMSNorm scales each row by one number and each column by `norm.weight`, so both move to the narrow side:
-    linear(g * r * w) = r * (g @ (W * w)^T) + b, with g = y * SiLU(z) and r = 1 / sqrt(mean(g^2) + eps). z is
-    overwritten (it must be a fresh buffer).
-    """
-    g = F.silu(z, inplace=True).mul_(y)  # (..., D_in)
-    inv = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]).add_(norm.eps).rsqrt_()
-    out = F.linear(g, linear.weight * norm.weight).mul_(inv)  # (..., d)
-    return out if linear.bias is None else out.add_(linear.bias)
-
-
 class Dropout(nn.Dropout):
     """`nn.Dropout` with a faster CPU training path (the same module otherwise: no parameters, same eval behaviour).
 
@@ -156,23 +132,6 @@ class _BitsDropout(torch.autograd.Function):
         return grad * noise, None
 
 
-def autocast_on(device: torch.device) -> bool:
-    """Whether autocast is on for `device`'s type in this thread (any torch >= 2.3)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-
-
-def inplace_activation(act: nn.Module, x: Tensor) -> Tensor:
-    """`act(x)`, written into x for the activations that have an in-place form (x must be a fresh buffer)."""
-    fn = _INPLACE.get(type(act))
-    return fn(x, inplace=True) if fn is not None else act(x)
-
-
-_INPLACE = {nn.Hardswish: F.hardswish, nn.SiLU: F.silu, nn.ReLU: F.relu}
-
-
 class FeedForward(nn.Module):
     """Position-wise FFN with a post-norm residual: LayerNorm(Dropout(fc2(Dropout(act(fc1(h))))) + h)."""
 
@@ -185,9 +144,6 @@ class FeedForward(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, h: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():  # inference: the same arithmetic, in place on fresh buffers
-            out = self.fc2(self.dropout(inplace_activation(self.activation, self.fc1(h))))
-            return self.layer_norm(self.dropout(out).add_(h))
         out = self.fc2(self.dropout(self.activation(self.fc1(h))))
         return self.layer_norm(self.dropout(out) + h)
 
@@ -257,8 +213,7 @@ def ssd_output_at(
     b, length, h, _ = x.shape
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # half precision is upcast
     with torch.autocast(device_type=x.device.type, enabled=False):
-        delta = dt.to(dtype) if dt_bias is None else dt.to(dtype) + dt_bias.to(dtype)
-        delta = F.softplus(delta) if dt_softplus else delta  # (b, L, H)
+        delta = step_sizes(dt.to(dtype), dt_bias, softplus=dt_softplus)  # (b, L, H)
         rows = torch.arange(b, device=x.device)
         after = (torch.arange(length, device=x.device) > index[:, None])[..., None]  # (b, L, 1): past the output
         dA = (delta * A.to(dtype)).masked_fill(after, 0.0)  # (b, L, H), <= 0

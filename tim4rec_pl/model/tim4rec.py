@@ -1,262 +1,34 @@
 """TiM4Rec: a time-aware structured state space duality (Mamba-2 SSD) sequential recommender.
 
 Fan et al., "TiM4Rec: An Efficient Sequential Recommendation Model Based on Time-Aware Structured State Space
-Duality Model", Neurocomputing 2025 (arXiv 2409.16182). This is the reference behaviour of SPEC §3, step by step,
-including its quirks (SPEC §9): the time path LayerNorms over the sequence axis, mixes positions with
-Linear(L -> L) layers, and sees the large negative gap right after the last item. Module and parameter names
-follow the reference checkpoints, so their state dicts load with `load_state_dict(strict=True)`.
-
-`time_path: causal` swaps that time path for a causal, scale-free one (`tim4rec_pl.model.time_path`, issue #8):
-gap features log1p(gap seconds) modulate the step size through causal, position-free layers, padding is masked
-out of the convolutions and the scan, so the network trains on all positions of a window at once, runs on any
-window length and steps one interaction at a time (`init_state` / `step`, `tim4rec_pl.model.streaming`).
+Duality Model", Neurocomputing 2025 (arXiv 2409.16182). With ``time_path: reference`` this is the paper's network
+step by step, including its quirks (docs/model.md, "The reference time path"); reference checkpoints load with
+`load_state_dict(strict=True)` (their time-path keys are renamed on load, `time_path.upgrade_state_dict`).
+``time_path: causal`` swaps in a causal, scale-free time path (docs/model.md, "The causal time path") that trains on
+all positions of a window at once, runs on any window length and streams one interaction at a time (`step`).
 
 Inputs (the RecBole layout, owned by `tim4rec_pl.data`): `item_seq` (B, L) long, left-aligned and right-padded
 with item 0; `item_seq_len` (B,) long; `timestamps` (B, L) float32 seconds, 0 on padding. The causal path also
-accepts left padding (it finds real positions from item != 0).
-Shapes: d = d_model, D_in = expand * d, H = D_in / head_dim heads of width P = head_dim, N = d_state.
+accepts left padding (it finds real positions from item != 0). Fast CPU inference: `tim4rec_pl.inference`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
-from tim4rec_pl.model import parallel
-from tim4rec_pl.model.layers import (
-    Dropout,
-    FeedForward,
-    GatedRMSNorm,
-    autocast_on,
-    causal_conv_channels_first,
-    causal_conv_channels_last,
-    gated_norm_linear,
-    init_recsys_weights,
-    inplace_activation,
-    inverse_softplus_dt,
-    ssd_output_at,
-)
-from tim4rec_pl.model.ssd import ssd_scan
-from tim4rec_pl.model.time_path import CausalTimeScale, TimeContext, gap_features
+from tim4rec_pl.model.layers import Dropout, FeedForward, init_recsys_weights
+from tim4rec_pl.model.time_path import CausalTime, NoTime, ReferenceTime, TimeState, step_gap, upgrade_state_dict
+from tim4rec_pl.model.tissd import ACTIVATIONS, ConvActivation, SSDBackend, TimePath, TiSSD
 
-if TYPE_CHECKING:
-    from tim4rec_pl.model.streaming import StreamState
+__all__ = ["StreamState", "TiM4Rec", "TiM4RecLayer", "TiSSD"]
 
-ConvActivation = Literal["hardswish", "silu"]
-SSDBackend = Literal["auto", "torch", "triton"]
-TimePath = Literal["reference", "causal"]
-_ACTIVATIONS = {"hardswish": nn.Hardswish, "silu": nn.SiLU}
 _FFN_EPS = 1e-12  # the reference FFN LayerNorm ignores norm_eps
-
-
-class TiSSD(nn.Module):
-    """The time-aware SSD mixer (SPEC §3 "TiSSD mixer"): u (B, L, d), tau (B, H, L) -> out (B, L, d), tau_next.
-
-    With ``time_path="causal"`` the time state is a `TimeContext` (valid mask, gap features), returned unchanged.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        max_seq_len: int,
-        d_state: int,
-        d_conv: int,
-        expand: int,
-        head_dim: int,
-        chunk_size: int,
-        norm_eps: float,
-        time_dropout: float,
-        is_time: bool,
-        p2p_residual: bool,
-        conv_activation: ConvActivation,
-        ssd_backend: SSDBackend,
-        time_path: TimePath = "reference",
-        time_dim: int = 16,
-    ) -> None:
-        super().__init__()
-        self.causal = time_path == "causal"
-        self.d_inner = expand * d_model
-        self.nheads = self.d_inner // head_dim
-        self.head_dim, self.d_state = head_dim, d_state
-        self.chunk_size, self.ssd_backend = chunk_size, ssd_backend
-        self.is_time = is_time
-        h, n, length = self.nheads, d_state, max_seq_len
-        conv_dim = self.d_inner + 2 * n
-
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * n + h)  # -> z, xBC, dt
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1)
-        self.act = _ACTIVATIONS[conv_activation]()
-        if is_time and self.causal:
-            self.time_scale = CausalTimeScale(h, time_dim, d_conv, time_dropout)
-        elif is_time:
-            self.conv1d4time_1 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
-            self.conv1d4time_2 = nn.Conv1d(h, h, d_conv, groups=h, padding=d_conv - 1)
-            self.time_act = nn.Hardswish()
-            self.mlp4time_scale = nn.Sequential(
-                Dropout(time_dropout), nn.Linear(length, length), nn.SiLU(), nn.Linear(length, length)
-            )
-            gate_out = length if p2p_residual else 1
-            self.time_gate_residual = nn.Sequential(Dropout(time_dropout), nn.Linear(length, gate_out), nn.Sigmoid())
-            self.time_layer_norm = nn.LayerNorm(length, eps=norm_eps)
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(h))  # softplus(dt_bias) ~ logU[1e-3, 0.1]
-        self.A_log = nn.Parameter(torch.empty(h).uniform_(1, 16).log())  # A = -exp(A_log) in [-16, -1]
-        self.D = nn.Parameter(torch.ones(h))
-        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model)
-
-    def forward(
-        self,
-        u: Tensor,
-        tau: Tensor | TimeContext | None,
-        index: Tensor | None = None,
-        projected: tuple[Tensor, Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | TimeContext | None]:
-        """Mix the sequence.
-
-        Args:
-            u: input, (B, L, d).
-            tau: time state, (B, H, L); None without the time path; a TimeContext on the causal path.
-            index: optional (B,) positions; when given, only those outputs are produced, (B, d), and the next
-                time state is skipped (the last layer needs neither).
-            projected: in_proj(u) already split into z, xBC, dt (each (B, L, *), contiguous), e.g. looked up from
-                a per-item table (see `TiM4Rec._item_table`); `u` then only feeds the residual.
-
-        Returns:
-            out (B, L, d) or (B, d), and the next time state (B, H, L) or None.
-        """
-        # 1-2. Project, causal depthwise conv + activation, split into x, B, C (one group).
-        valid = tau.valid.unsqueeze(-1) if self.causal else None  # (B, L, 1)
-        z, x, bmat, cmat, dt = self._inputs(u, index, projected, valid)
-        if self.causal:
-            return self._forward_causal(z, x, bmat, cmat, dt, tau, index)
-        # 3. Time-aware step sizes.
-        q = None
-        if self.is_time:
-            q = self._time_scale(tau)  # (B, H, L)
-            dt = dt * q.transpose(1, 2)  # (B, L, H)
-        # 4. SSD: delta = softplus(dt + dt_bias), S_t = exp(delta A) S_(t-1) + delta x B^T, y = S C + D x.
-        y = self._scan(x, dt, bmat, cmat, index, dt_bias=self.dt_bias, dt_softplus=True)  # (B, L, D_in) or (B, D_in)
-        # 5-6. Gate, RMSNorm over the whole D_in, project out.
-        out = self._norm_out(y, z)  # (B, L, d) or (B, d)
-        # 7. Next time state.
-        tau_next = None
-        if self.is_time and index is None:
-            gate = self.time_gate_residual(tau[:, :1] if self._heads_share(tau) else tau)  # (B, H or 1, 1 or L)
-            tau_next = self.time_layer_norm(gate * tau + (1 - gate) * q)  # (B, H, L)
-        return out, tau_next
-
-    def _inputs(
-        self, u: Tensor, index: Tensor | None, projected: tuple[Tensor, Tensor, Tensor] | None, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Steps 1-2: in_proj into z, xBC, dt; causal depthwise conv + activation of xBC, split into x, B, C.
-
-        Each projection is its own matmul with a contiguous result: the element-wise work downstream (convolution,
-        gate, norm) runs about twice as fast on contiguous tensors as on slices of one wide projection (measured on
-        CPU). With `index` (the last layer) z and C are read at index only, so C is convolved from just the K
-        inputs that reach it. `valid` (B, L, 1) zeroes the convolution's inputs at padding (causal path).
-
-        Returns:
-            z (B, L, D_in) or (B, D_in), x (B, L, D_in), B (B, L, N), C (B, L, N) or (B, N), dt (B, L, H).
-        """
-        n, d_in = self.d_state, self.d_inner
-        rows = None if index is None else torch.arange(u.shape[0], device=u.device)
-        parts = self.in_proj_parts()
-        if projected is not None:
-            z, xbc, dt = projected
-            z = z if rows is None else z[rows, index]
-        else:
-            z = F.linear(u if rows is None else u[rows, index], *parts[0])  # (B, L, D_in) or (B, D_in)
-            dt = F.linear(u, *parts[2])  # (B, L, H)
-            w, bias = parts[1]
-            c_too = index is None
-            xbc = F.linear(u, w if c_too else w[: d_in + n], bias if c_too or bias is None else bias[: d_in + n])
-        if valid is not None:
-            xbc = xbc * valid.to(xbc.dtype)
-        if xbc.shape[-1] == d_in + 2 * n:  # C at every position
-            x, bmat, cmat = torch.split(self._act(causal_conv_channels_last(xbc, self.conv1d)), [d_in, n, n], -1)
-            return z, x, bmat, cmat, dt
-        xb = self._act(causal_conv_channels_last(xbc, self.conv1d, channels=d_in + n))  # (B, L, D_in + N)
-        x, bmat = torch.split(xb, [d_in, n], dim=-1)
-        return z, x, bmat, self._c_at(u, index, valid, *parts[1]), dt
-
-    def _c_at(self, u: Tensor, index: Tensor, valid: Tensor | None, w: Tensor, bias: Tensor | None) -> Tensor:
-        """C at `index` only, (B, N): the K projected inputs that reach it, convolved (zeros before position 0).
-        `w`, `bias`: in_proj's xBC rows."""
-        n, d_in = self.d_state, self.d_inner
-        k = self.conv1d.weight.shape[-1]
-        rows = torch.arange(u.shape[0], device=u.device)[:, None]
-        pos = index[:, None] + torch.arange(1 - k, 1, device=u.device)  # (B, K), oldest first
-        keep = pos >= 0
-        pos = pos.clamp(min=0)
-        if valid is not None:
-            keep = keep & valid[rows, pos, 0]
-        c_in = F.linear(u[rows, pos], w[d_in + n :], None if bias is None else bias[d_in + n :])  # (B, K, N)
-        c = torch.einsum("bkn,nk->bn", c_in * keep.unsqueeze(-1).to(c_in.dtype), self.conv1d.weight[d_in + n :, 0])
-        return self.act(c if self.conv1d.bias is None else c + self.conv1d.bias[d_in + n :])  # (B, N)
-
-    def in_proj_parts(self) -> list[tuple[Tensor, Tensor | None]]:
-        """(weight, bias) of in_proj's z, xBC and dt rows."""
-        n, h, d_in = self.d_state, self.nheads, self.d_inner
-        w, bias = self.in_proj.weight, self.in_proj.bias
-        bounds = [(0, d_in), (d_in, 2 * d_in + 2 * n), (2 * d_in + 2 * n, 2 * d_in + 2 * n + h)]
-        return [(w[a:b], None if bias is None else bias[a:b]) for a, b in bounds]
-
-    def _scan(self, x: Tensor, dt: Tensor, bmat: Tensor, cmat: Tensor, index: Tensor | None, **step) -> Tensor:
-        """The SSD over whole sequences, (B, L, D_in), or only at `index` (the last layer: O(L)), (B, D_in)."""
-        b, length = x.shape[:2]
-        args = (
-            x.reshape(b, length, self.nheads, self.head_dim),  # (B, L, H, P)
-            dt,  # (B, L, H)
-            -torch.exp(self.A_log),  # (H,)
-            bmat.unsqueeze(2),  # (B, L, 1, N)
-            cmat.unsqueeze(-2),  # (B, L, 1, N), or (B, 1, N) at index
-        )
-        if index is not None:
-            return ssd_output_at(*args, index, D=self.D, **step).reshape(b, self.d_inner)
-        y = ssd_scan(*args, D=self.D, chunk_size=self.chunk_size, backend=self.ssd_backend, **step)
-        return y.reshape(b, length, self.d_inner)
-
-    def _forward_causal(
-        self, z: Tensor, x: Tensor, bmat: Tensor, cmat: Tensor, dt: Tensor, ctx: TimeContext, index: Tensor | None
-    ) -> tuple[Tensor, TimeContext]:
-        """Steps 3-6 with padding masked out (the conv inputs were zeroed there; delta = 0 there, so the state
-        passes unchanged)."""
-        valid = ctx.valid.unsqueeze(-1)  # (B, L, 1)
-        if self.is_time:
-            dt = dt + self.time_scale(ctx.gaps)  # (B, L, H): the gaps shift the step size
-        dtype = torch.promote_types(dt.dtype, torch.float32)  # step sizes in >= float32, like ssd_scan's
-        delta = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)) * valid  # (B, L, H), 0 at padding
-        y = self._scan(x, delta, bmat, cmat, index)  # (B, L, D_in) or (B, D_in)
-        return self._norm_out(y, z), ctx
-
-    def _norm_out(self, y: Tensor, z: Tensor) -> Tensor:
-        """Steps 5-6, out_proj(RMSNorm(y * SiLU(z))); in inference with the norm's scales moved past out_proj."""
-        if torch.is_grad_enabled():
-            return self.out_proj(self.norm(y, z))
-        return gated_norm_linear(self.norm, y, z, self.out_proj)  # z: a fresh projection, overwritten
-
-    def _act(self, x: Tensor) -> Tensor:
-        """The convolution's activation; in place without autograd (x is the convolution's fresh output)."""
-        return self.act(x) if torch.is_grad_enabled() else inplace_activation(self.act, x)
-
-    def _heads_share(self, tau: Tensor) -> bool:
-        """Inference with the first layer's tau, one row expanded over the heads: per-head work can run once."""
-        return not self.training and tau.shape[1] > 1 and tau.stride(1) == 0
-
-    def _time_scale(self, tau: Tensor) -> Tensor:
-        """SPEC §3 TiSSD step 3: q = act(conv_t2(act(conv_t1(tau * MLP_L(tau))))), all (B, H, L)."""
-        if self._heads_share(tau):
-            one = tau[:, :1]  # (B, 1, L): the MLP once instead of once per identical head
-            q = (one * self.mlp4time_scale(one)).expand_as(tau)  # (B, H, L)
-        else:
-            q = tau * self.mlp4time_scale(tau)  # (B, H, L); the MLP mixes positions
-        q = self.time_act(causal_conv_channels_first(q, self.conv1d4time_1))  # (B, H, L)
-        return self.time_act(causal_conv_channels_first(q, self.conv1d4time_2))  # (B, H, L)
 
 
 class TiM4RecLayer(nn.Module):
@@ -268,28 +40,48 @@ class TiM4RecLayer(nn.Module):
         self.dropout = Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.residual = residual  # the reference drops `+ E` when there is a single layer
-        self.ffn = FeedForward(d_model, 4 * d_model, dropout, _FFN_EPS, nn.Hardswish()) if is_ffn else None
+        self.ffn = FeedForward(d_model, 4 * d_model, dropout, _FFN_EPS, nn.Hardswish()) if is_ffn else nn.Identity()
 
-    def forward(
-        self,
-        h: Tensor,
-        tau: Tensor | TimeContext | None,
-        index: Tensor | None = None,
-        projected: tuple[Tensor, Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | TimeContext | None]:
-        out, tau = self.ssd(h, tau, index, projected)  # (B, L, d) or (B, d)
-        out = self.dropout(out)
+    def forward(self, h: Tensor, time: TimeState, index: Tensor | None = None) -> tuple[Tensor, TimeState]:
+        """h (B, L, d) -> (B, L, d), or (B, d) at `index` (see `TiSSD.forward`)."""
+        out, time = self.ssd(h, time, index)  # (B, L, d) or (B, d)
         if self.residual:
-            skip = h if index is None else h[torch.arange(h.shape[0], device=h.device), index]
-            out = out + skip if torch.is_grad_enabled() else out.add_(skip)  # out: a fresh buffer
-        out = self.layer_norm(out)
-        if self.ffn is not None:
-            out = self.ffn(out)
-        return out, tau
+            skip = h if index is None else h[torch.arange(h.shape[0], device=h.device), index]  # (B, L, d) or (B, d)
+            out = self.dropout(out) + skip
+        else:
+            out = self.dropout(out)
+        return self.ffn(self.layer_norm(out)), time
+
+    def step(self, state: tuple[Tensor, Tensor], h: Tensor, time: TimeState) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One position: h (B, d) -> (B, d) and the layer's new memory (see `TiSSD.step`)."""
+        out, state = self.ssd.step(state, h, time)
+        out = self.dropout(out) + h if self.residual else self.dropout(out)
+        return self.ffn(self.layer_norm(out)), state
+
+
+@dataclass
+class StreamState:
+    """The streaming state of B users (`TiM4Rec.init_state` / `step`); every field has the batch first."""
+
+    conv: list[Tensor]  # per layer (B, K - 1, D_in + 2N): the last K - 1 inputs of the xBC convolution
+    ssd: list[Tensor]  # per layer (B, H, P, N): the SSD state, float32 (float64 for a float64 model)
+    gaps: Tensor  # (B, K - 1): the last K - 1 gap features (the time convolution's memory)
+    last_time: Tensor  # (B,) float64: timestamp of the last interaction
+    started: Tensor  # (B,) bool: the user has at least one interaction
+    count: Tensor  # (B,) long: interactions seen
+    output: Tensor  # (B, d): the representation after the last interaction (zeros before the first)
+
+    def to(self, device: torch.device | str) -> StreamState:
+        """The same state on another device."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
+        return StreamState(**moved)
 
 
 class TiM4Rec(nn.Module):
-    """TiM4Rec sequence encoder with a tied item-embedding output layer (SPEC §3)."""
+    """TiM4Rec sequence encoder with a tied item-embedding output layer."""
 
     def __init__(
         self,
@@ -336,7 +128,7 @@ class TiM4Rec(nn.Module):
             kaiming_init: Kaiming-normal (fan_out, relu) Conv1d weights; False keeps PyTorch's default.
             conv_activation: Activation after the xBC convolution: "hardswish" (every published setting) or "silu".
             ssd_backend: SSD implementation: "auto" (Triton on CUDA when mamba-ssm imports), "torch" or "triton".
-            time_path: "reference": the paper's time path (SPEC §3), tied to L and not causal, so prefix training
+            time_path: "reference": the paper's time path, tied to L and not causal, so prefix training
                 only. "causal": log1p gap features modulate the step size through causal, position-free layers,
                 padding is masked out (any window length, all-position training, streaming with `step`).
                 Both keep `is_time: false` as the time-less SSD4Rec*.
@@ -346,15 +138,19 @@ class TiM4Rec(nn.Module):
         _validate(locals())
         self.num_items, self.max_seq_len, self.d_model = num_items, max_seq_len, d_model
         self.is_time, self.time_path = is_time, time_path
-        self.nheads = expand * d_model // head_dim
+        nheads = expand * d_model // head_dim
         # The reference time path mixes positions: no all-position training, no streaming (see lightning_module.py).
         self.supports_all_positions = self.supports_streaming = time_path == "causal" or not is_time
 
         self.item_embedding = nn.Embedding(num_items, d_model, padding_idx=0)
         self.dropout = Dropout(dropout)
         self.in_layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        if is_time and time_path == "reference":
-            self.layer_norm_time = nn.LayerNorm(max_seq_len, eps=norm_eps)
+        if time_path == "causal":
+            self.time = CausalTime()
+        elif is_time:
+            self.time = ReferenceTime(max_seq_len, nheads, norm_eps, dropout)
+        else:
+            self.time = NoTime()
         ssd_kwargs = dict(
             max_seq_len=max_seq_len,
             d_state=d_state,
@@ -376,113 +172,124 @@ class TiM4Rec(nn.Module):
         )
         # The blanket pass leaves dt_bias, A_log, D and the RMSNorm weights (set in TiSSD) alone.
         self.apply(partial(init_recsys_weights, std=0.02, kaiming_conv=kaiming_init))
+        self.register_load_state_dict_pre_hook(_reference_names)
 
-    def _embed(
-        self, item_seq: Tensor, timestamps: Tensor
-    ) -> tuple[Tensor, Tensor | TimeContext | None, tuple[Tensor, Tensor, Tensor] | None]:
-        """Encoder steps 1-2: item embeddings (B, L, d), the initial time state (B, H, L) (a TimeContext or None),
-        and, in inference, the first layer's input projection looked up per item (else None)."""
-        if item_seq.dim() != 2 or timestamps.shape != item_seq.shape:
-            raise ValueError(f"item_seq {tuple(item_seq.shape)} and timestamps must both be (B, L)")
-        if self.time_path == "reference" and self.is_time and item_seq.shape[1] != self.max_seq_len:
-            raise UserError(
-                f"TiM4Rec was built with max_seq_len={self.max_seq_len} but got sequences of length "
-                f"{item_seq.shape[1]}: the time path is tied to L, so set the data's and the model's max_seq_len equal"
-            )
-        table = self._item_table()
-        if table is None:
-            h, projected = self.in_layer_norm(self.dropout(self.item_embedding(item_seq))), None  # (B, L, d)
-        else:
-            h, *parts = (F.embedding(item_seq, t) for t in table)  # (B, L, d), then z, xBC, dt (B, L, *)
-            projected = tuple(parts)
-        if self.time_path == "causal":
-            return h, gap_features(item_seq, timestamps), projected
-        if not self.is_time:
-            return h, None, projected
-        t = timestamps.to(torch.promote_types(h.dtype, torch.float32))  # differences of Unix seconds need >= fp32
-        gaps = torch.diff(t, dim=1, prepend=t[:, :1]).to(h.dtype)  # (B, L): [0, t1 - t0, ...], padding included
-        tau = self.layer_norm_time(self.dropout(gaps))  # (B, L), normalised over the sequence axis
-        return h, tau.unsqueeze(1).expand(-1, self.nheads, -1), projected  # (B, H, L)
-
-    def _item_table(self) -> tuple[Tensor, ...] | None:
-        """Inference only: per-item rows of the first layer's input and its in_proj parts, cached per weight version.
-
-        In eval mode without gradients the first layer's input, LayerNorm(item embedding), and its projection
-        in_proj(...) depend on the item alone, so a table of num_items rows replaces a (B * L, d) x (d, 2 D_in + 2N + H)
-        matmul by a row lookup (5-6x cheaper at ML-1M's catalogue, L = 200). Rebuilt when any weight it reads
-        changes (in-place updates bump a tensor's version); not used in training, under autocast, or when the
-        table would exceed _ITEM_TABLE_BYTES.
-        """
-        if self.training or torch.is_grad_enabled() or autocast_on(self.item_embedding.weight.device):
-            return None
-        ssd = self.ssd_layers[0].ssd
-        weights = [self.item_embedding.weight, self.in_layer_norm.weight, self.in_layer_norm.bias]
-        weights += [t for pair in ssd.in_proj_parts() for t in pair if t is not None]
-        width = self.d_model + ssd.in_proj.out_features
-        if self.num_items * width * weights[0].element_size() > _ITEM_TABLE_BYTES:
-            return None
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights)
-        cached = self.__dict__.get("_item_table_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode too
-            h = self.in_layer_norm(self.item_embedding.weight)  # (num_items, d)
-            table = (h, *(F.linear(h, *part) for part in ssd.in_proj_parts()))
-        self.__dict__["_item_table_cache"] = (key, table)  # not a buffer: never saved, never moved
-        return table
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor, *, every_position: bool = False
+    ) -> Tensor:
+        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d); with `every_position`,
+        the hidden states at every position, (B, L, d) (`encode`)."""
+        self._check_inputs(item_seq, timestamps)
+        index = None if every_position else item_seq_len - 1  # (B,)
+        # 1. Item embeddings: h = LayerNorm(Dropout(E[item])), (B, L, d).
+        h = self.in_layer_norm(self.dropout(self.item_embedding(item_seq)))
+        # 2. The time path's state: tau (B, H, L) on the reference path; gaps and real positions on the causal one.
+        time = self.time(item_seq, timestamps)
+        # 3. The layers; the last one computes its position-wise part at `index` only: (B, d).
+        last = len(self.ssd_layers) - 1
+        for i, layer in enumerate(self.ssd_layers):
+            h, time = layer(h, time, index if i == last else None)  # (B, L, d), or (B, d) after the last
+        return h
 
     def encode(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
         """Hidden states at every position, (B, L, d). `item_seq_len` is unused (kept for a uniform API)."""
-        h, tau, projected = self._embed(item_seq, timestamps)
-        for i, layer in enumerate(self.ssd_layers):
-            h, tau = layer(h, tau, projected=projected if i == 0 else None)  # (B, L, d), (B, H, L)
-        return h
-
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
-        """Sequence representation: the hidden state at position item_seq_len - 1, (B, d).
-
-        In inference on a multi-core CPU, slices of the batch run side by side (`tim4rec_pl.model.parallel`).
-        """
-        ranges = parallel.slices(item_seq.shape[0], item_seq.shape[-1], item_seq.device) if not self.training else []
-        if len(ranges) > 1:
-            self._item_table()  # build the shared cache once, before the slices read it
-            return parallel.run_sliced(self._forward, ranges, item_seq, item_seq_len, timestamps)
-        return self._forward(item_seq, item_seq_len, timestamps)
-
-    def _forward(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
-        h, tau, projected = self._embed(item_seq, timestamps)
-        last = len(self.ssd_layers) - 1
-        for i, layer in enumerate(self.ssd_layers):
-            # The last layer's position-wise part runs on the gathered positions only.
-            index = item_seq_len - 1 if i == last else None
-            h, tau = layer(h, tau, index=index, projected=projected if i == 0 else None)  # (B, L, d) or (B, d)
-        return h
+        return self.forward(item_seq, item_seq_len, timestamps, every_position=True)
 
     def score_all(self, item_seq: Tensor, item_seq_len: Tensor, timestamps: Tensor) -> Tensor:
         """Scores of every item, padding item 0 included, (B, num_items)."""
         return self.forward(item_seq, item_seq_len, timestamps) @ self.item_embedding.weight.T
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StreamState:
-        """An empty streaming state for `batch_size` users (see `tim4rec_pl.model.streaming.init_state`)."""
-        from tim4rec_pl.model.streaming import init_state
+    def _check_inputs(self, item_seq: Tensor, timestamps: Tensor) -> None:
+        if item_seq.dim() != 2 or timestamps.shape != item_seq.shape:
+            raise ValueError(f"item_seq {tuple(item_seq.shape)} and timestamps must both be (B, L)")
+        if isinstance(self.time, ReferenceTime) and item_seq.shape[1] != self.max_seq_len:
+            raise UserError(
+                f"TiM4Rec was built with max_seq_len={self.max_seq_len} but got sequences of length "
+                f"{item_seq.shape[1]}: the time path is tied to L, so set the data's and the model's max_seq_len equal"
+            )
 
-        return init_state(self, batch_size, device)
+    # ------------------------------------------------------------------------------------------------ streaming
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StreamState:
+        """An empty streaming state (no interactions yet) for `batch_size` users on the model's device (or `device`).
+
+        Streaming: `step` adds one interaction per user in time independent of the history length, and its
+        scores equal `score_all` over the whole history (eval mode). Causal networks only (time_path "causal", or
+        is_time False):
+
+            model.eval()
+            state = model.init_state(batch_size=2)
+            with torch.inference_mode():
+                state, scores = model.step(state, torch.tensor([17, 4]), torch.tensor([1.6e9, 1.7e9]))
+        """
+        self._check_streaming()
+        weight = self.item_embedding.weight
+        device = weight.device if device is None else torch.device(device)
+        layers = [layer.ssd.init_state(batch_size, device, weight.dtype) for layer in self.ssd_layers]
+        k = self.ssd_layers[0].ssd.conv1d.weight.shape[-1]
+        return StreamState(
+            conv=[conv for conv, _ in layers],
+            ssd=[ssd for _, ssd in layers],
+            gaps=torch.zeros(batch_size, k - 1, device=device),
+            last_time=torch.zeros(batch_size, dtype=torch.float64, device=device),
+            started=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            count=torch.zeros(batch_size, dtype=torch.long, device=device),
+            output=torch.zeros(batch_size, self.d_model, dtype=weight.dtype, device=device),
+        )
 
     def step(
         self, state: StreamState, item: Tensor, timestamp: Tensor, output: Literal["scores", "repr"] = "scores"
     ) -> tuple[StreamState, Tensor]:
         """Add one interaction per user; returns the new state and scores (B, num_items) or the representation (B, d).
 
-        Constant time in the history length; equals a full recomputation over the history (eval mode). Item 0
-        leaves a user's state unchanged. See `tim4rec_pl.model.streaming.step`.
+        Args:
+            state: from `init_state` or a previous `step`; not modified.
+            item: (B,) long item ids; 0 leaves that user's state unchanged (its previous output is returned).
+            timestamp: (B,) seconds of the interactions (same units as in training).
+            output: "scores" for the scores of every item, or "repr" for the representation.
         """
-        from tim4rec_pl.model.streaming import step
+        self._check_streaming()
+        if item.dim() != 1 or timestamp.shape != item.shape or item.shape[0] != state.count.shape[0]:
+            raise ValueError(f"item {tuple(item.shape)} and timestamp must be (B,) with B = {state.count.shape[0]}")
+        valid = item != 0  # (B,)
+        # 1. Item embedding, (B, d).
+        h = self.in_layer_norm(self.dropout(self.item_embedding(item)))
+        # 2. The time path's state for this position: the last K gap features, oldest first, (B, K).
+        g = step_gap(state.last_time, state.started, timestamp).masked_fill(~valid, 0.0)  # (B,)
+        time = TimeState(valid=valid, gaps=torch.cat([state.gaps, g[:, None]], dim=1))
+        # 3. The layers, one position each.
+        layers = []
+        for i, layer in enumerate(self.ssd_layers):
+            h, memory = layer.step((state.conv[i], state.ssd[i]), h, time)  # (B, d)
+            layers.append(memory)
 
-        return step(self, state, item, timestamp, output)
+        def keep(new: Tensor, old: Tensor) -> Tensor:  # rows with item 0 keep their old state
+            return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+        new = replace(
+            state,
+            conv=[keep(conv, old) for (conv, _), old in zip(layers, state.conv)],
+            ssd=[keep(ssd, old) for (_, ssd), old in zip(layers, state.ssd)],
+            gaps=keep(time.gaps[:, 1:], state.gaps),
+            last_time=keep(timestamp.to(torch.float64), state.last_time),
+            started=state.started | valid,
+            count=state.count + valid.long(),
+            output=keep(h.to(state.output.dtype), state.output),
+        )
+        if output == "repr":
+            return new, new.output
+        return new, new.output @ self.item_embedding.weight.T  # (B, num_items)
+
+    def _check_streaming(self) -> None:
+        if not self.supports_streaming:
+            raise UserError(
+                "streaming needs a causal network: the reference time path mixes all positions; "
+                "build TiM4Rec with time_path='causal' (or is_time=False for SSD4Rec*)"
+            )
 
 
-# Largest per-item inference table (`TiM4Rec._item_table`): about 170,000 items at the 64-d defaults.
-_ITEM_TABLE_BYTES = 256 << 20
+def _reference_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load hook: reference checkpoints and older ones hold the time path's parameters under their old names."""
+    upgrade_state_dict(state_dict, prefix)
 
 
 def _validate(args: dict) -> None:
@@ -506,8 +313,8 @@ def _validate(args: dict) -> None:
         "pick a head_dim that divides it",
     )
     need(
-        args["conv_activation"] in _ACTIVATIONS,
-        f"unknown conv_activation {args['conv_activation']!r}: use one of {', '.join(_ACTIVATIONS)}",
+        args["conv_activation"] in ACTIVATIONS,
+        f"unknown conv_activation {args['conv_activation']!r}: use one of {', '.join(ACTIVATIONS)}",
     )
     need(
         args["time_path"] in ("reference", "causal"),

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from tim4rec_pl.model.layers import autocast_on
+from tim4rec_pl.inference.kernels import autocast_on
 
 MIN_TOKENS = 8192  # batch rows x window length per slice below which one call is cheaper
 
