@@ -133,10 +133,10 @@ def test_wrong_delimiter_is_recognised(tmp_path):
 @pytest.mark.parametrize(
     ("values", "counts"),
     [
-        (["1", "abc", "2", "x"], "2 non-numeric, 0 null, 0 negative and 0 non-finite"),
-        (["1", "", "3", ""], "0 non-numeric, 2 null, 0 negative and 0 non-finite"),
-        (["1", "-5", "3", "4"], "0 non-numeric, 0 null, 1 negative and 0 non-finite"),
-        (["1", "inf", "nan", "4"], "0 non-numeric, 0 null, 0 negative and 2 non-finite"),
+        (["1", "abc", "2", "x"], "2 non-numeric, 0 null and 0 non-finite timestamps (data rows 2, 4; first: 'abc')"),
+        (["1", "", "3", ""], "0 non-numeric, 2 null and 0 non-finite timestamps (data rows 2, 4; first: None)"),
+        (["1", "-5", "3", "4"], "1 timestamps before 1970 or after 2100 when read as seconds (data row 2; first: '-5')"),
+        (["1", "inf", "nan", "4"], "0 non-numeric, 0 null and 2 non-finite timestamps (data rows 2, 3; first: 'inf')"),
     ],
 )
 def test_bad_timestamps_are_counted(tmp_path, values, counts):
@@ -145,7 +145,7 @@ def test_bad_timestamps_are_counted(tmp_path, values, counts):
     with pytest.raises(UserError) as e:
         read_interactions(path)
     msg = str(e.value)
-    assert "bad.csv" in msg and counts in msg and "first bad data row 2" in msg and "fix or remove" in msg
+    assert "bad.csv" in msg and counts in msg and "fix or remove" in msg and "time_unit" in msg
 
 
 def test_null_ids_fail_unless_dropped(tmp_path):

@@ -6,19 +6,24 @@ from __future__ import annotations
 import tim4rec_pl.cpu_runtime  # noqa: F401
 
 # isort: split
+import contextlib
 import logging
 import os
-import pickle
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tim4rec_pl.atomic import write_text_atomically
+from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file
 from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.leftovers import RunFiles, isolate_wandb_temp
 from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.resilience import FaultTolerance, print_interrupt
@@ -40,13 +45,70 @@ class TiM4RecCLI(LightningCLI):
         # (Not "predict": jsonargparse already names the group of trainer.predict's own arguments so.)
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config.get(str(self.subcommand), self.config).get("trainer") or {}
+        if "wandb" in str(trainer.get("logger")).lower():
+            isolate_wandb_temp()  # W&B's temp folders in a private folder, removed at exit (leftovers.py)
+        # validate / test / predict: a failure removes the run files the command added (leftovers.py)
+        self.run_files = RunFiles.from_trainer_config(trainer) if self.subcommand in EVALUATING else None
+
+    def instantiate_classes(self) -> None:
+        with self._removing_run_files_on_failure():
+            super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self._removing_run_files_on_failure():
+            super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _removing_run_files_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            if getattr(self, "run_files", None) is not None:
+                self.run_files.remove_new()
+            raise
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        config["plugins"] = with_atomic_checkpoints(config.get("plugins"))
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for callback in trainer.callbacks:  # config.yaml written atomically too
+            if isinstance(callback, SaveConfigCallback) and not isinstance(callback.parser, _AtomicSaveParser):
+                callback.parser = _AtomicSaveParser(callback.parser)
+        return trainer
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "ckpt_path" in kwargs:
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, subcommand)
+            check_checkpoint_file(kwargs["ckpt_path"], self.model)  # one line for a foreign file, before any run
         if kwargs.get("weights_only", False) is None:  # our checkpoints hold tensors and plain data only
             kwargs["weights_only"] = True
         return kwargs
+
+
+EVALUATING = ("validate", "test", "predict")
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The Trainer's plugins plus :class:`AtomicCheckpointIO`, unless the config chose a checkpoint plugin."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+class _AtomicSaveParser:
+    """The config callback's parser, with ``save`` writing ``config.yaml`` through a temporary file."""
+
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        self._parser = parser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+    def save(self, cfg: Any, path: str, skip_none: bool = True, **kwargs: Any) -> None:
+        write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
@@ -135,12 +197,6 @@ def main(argv: list[str] | None = None) -> None:
     except FloatingPointError as err:  # a non-finite training loss (lightning_module.py names the step)
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(1)
-    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a checkpoint
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"tim4rec-pl: error: the checkpoint holds pickled Python objects that safe loading (weights_only=True) "
-              f"refuses ({reason}); use a checkpoint written by tim4rec-pl, or one you trust re-saved as tensors",
-              file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("tim4rec-pl: interrupted", file=sys.stderr)
         sys.exit(130)

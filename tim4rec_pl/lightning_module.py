@@ -57,7 +57,7 @@ class SeqRecModule(L.LightningModule):
         if init_from:
             from tim4rec_pl.interop import load_network_weights
 
-            load_network_weights(self.network, init_from)
+            load_network_weights(self.network, init_from, "--model.init_from")
         self._compiled = False
         self._compile = compile
         self.data_info: dict = {}  # data statistics and manifest checksum, recorded in checkpoints

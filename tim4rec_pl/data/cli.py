@@ -60,7 +60,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--user_field", help="user column (default per format; atomic/csv: user_id)")
     src.add_argument("--item_field", help="item column (default per format; atomic/csv: item_id)")
     src.add_argument("--time_field", help="timestamp column (default per format; atomic/csv: timestamp)")
-    src.add_argument("--time_unit", choices=TIME_UNITS, help="s | ms | iso | auto (numbers > 1e11 are ms)")
+    src.add_argument("--time_unit", choices=TIME_UNITS, help="s | ms | iso | auto (all > 1e11: ms; all below: s)")
     src.add_argument("--separator", help="column separator of a csv/tsv file, e.g. ';' or '\\t'")
     src.add_argument("--drop_null_ids", action=argparse.BooleanOptionalAction, default=None,
                      help="drop rows with a missing user or item id (default: fail and count them)")  # fmt: skip

@@ -1,0 +1,143 @@
+"""Nothing left behind: the run files of a command that failed, and temporary folders of W&B.
+
+* :class:`RunFiles` remembers what exists in the folders a ``validate`` / ``test`` / ``predict`` command may write
+  to (its loggers' folders) before it starts; when the command fails, everything it added there is removed
+  (``config.yaml``, a new ``version_N/`` or W&B run folder, a folder created for the run) and nothing that
+  existed before is touched.
+* :func:`isolate_wandb_temp`: W&B creates ``wandb-media`` and ``wandb-artifacts`` folders in the system temp folder
+  when it is imported and removes them only at a clean exit. They are created inside a private folder of this
+  process instead (``tim4rec-pl.tmp-<host>-<pid>-...`` in the system temp folder), removed at exit; the private
+  folders of processes that were killed are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tim4rec_pl.atomic import remove_stale_temporaries, temporary_name
+
+_PRIVATE_PREFIX = "tim4rec-pl"
+
+
+# -------------------------------------------------------------------------------------------------- run files
+def _walk(root: Path) -> dict[str, str | None]:
+    """Every path under ``root`` (relative), with the target of symbolic links (None for files and folders)."""
+    found: dict[str, str | None] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            found[str(path.relative_to(root))] = os.readlink(path) if path.is_symlink() else None
+    return found
+
+
+class RunFiles:
+    """What a command may add to its loggers' folders, to take it away again if the command fails."""
+
+    def __init__(self, roots: Iterable[str | os.PathLike]) -> None:
+        self.existing: dict[Path, dict[str, str | None]] = {}  # root -> its contents before the command
+        self.created: list[Path] = []  # the topmost folder of each root that did not exist yet
+        for root in dict.fromkeys(Path(r).absolute() for r in roots):
+            if root.is_dir():
+                self.existing[root] = _walk(root)
+                continue
+            top = root
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
+            if not top.exists():
+                self.created.append(top)
+
+    @classmethod
+    def from_trainer_config(cls, trainer: Mapping[str, Any] | Any) -> RunFiles:
+        """The folders of the loggers in a parsed ``trainer:`` section (default logger: ``lightning_logs/``)."""
+        get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
+        root = get("default_root_dir") or os.getcwd()
+        logger = get("logger")
+        loggers = logger if isinstance(logger, list) else [logger]
+        roots = []
+        for item in loggers:
+            if item is None or item is True:
+                roots.append(Path(root) / "lightning_logs")
+            elif item is not False:
+                args = item.get("init_args") if hasattr(item, "get") else getattr(item, "init_args", None)
+                save_dir = (
+                    (args.get("save_dir") if hasattr(args, "get") else getattr(args, "save_dir", None))
+                    if args
+                    else None
+                )
+                roots.append(Path(save_dir) if save_dir else Path(root))
+        return cls(roots)
+
+    def remove_new(self) -> None:
+        """Remove what was added since this object was made; put back symbolic links that were re-pointed."""
+        _finish_wandb()
+        for top in self.created:
+            shutil.rmtree(top, ignore_errors=True)
+        for root, before in self.existing.items():
+            if not root.is_dir():
+                continue
+            now = _walk(root)
+            for rel in sorted(now, key=lambda r: r.count(os.sep)):  # outermost first: a new folder goes whole
+                path = root / rel
+                if rel not in before:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    elif path.is_symlink() or path.exists():
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                elif before[rel] is not None and now.get(rel) != before[rel]:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        path.symlink_to(before[rel])
+
+
+def _finish_wandb() -> None:
+    """End a W&B run of this process before its folder is removed (it would write into it at exit)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        with contextlib.suppress(Exception):
+            wandb.finish(exit_code=1)
+
+
+# -------------------------------------------------------------------------------------------------- W&B temp
+_private: Path | None = None
+
+
+def isolate_wandb_temp() -> Path | None:
+    """Import W&B with the temp folder pointed at a private folder of this process (see the module docstring).
+
+    Also removes the private folders of earlier processes that are gone. Returns the private folder, or None when
+    W&B is not installed or was imported already.
+    """
+    global _private
+    system_tmp = tempfile.gettempdir()
+    remove_stale_temporaries(system_tmp, prefix=f".{_PRIVATE_PREFIX}")
+    if _private is not None or "wandb" in sys.modules:
+        return _private
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    private = Path(system_tmp) / temporary_name(_PRIVATE_PREFIX)
+    private.mkdir(mode=0o700)
+    atexit.register(shutil.rmtree, private, True)
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(private)
+    try:
+        import wandb  # noqa: F401  # creates its temp folders now, inside `private`
+    except Exception:  # a broken W&B install: the logger reports it when it is used
+        pass
+    finally:
+        tempfile.tempdir = saved
+    _private = private
+    return private
