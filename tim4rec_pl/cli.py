@@ -20,9 +20,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tim4rec_pl.atomic import write_text_atomically
-from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file
+from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file, read_checkpoint
 from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.held_output import HELD, ReleaseHeldOutput
 from tim4rec_pl.leftovers import RunFiles, isolate_wandb_temp
 from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.predict import PredictionWriter
@@ -44,6 +45,13 @@ class TiM4RecCLI(LightningCLI):
         # commands but registered in all so that one config with a predictions: section serves every command.
         # (Not "predict": jsonargparse already names the group of trainer.predict's own arguments so.)
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before anything else: identify the file first
+        ckpt_path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
+        if ckpt_path and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path, "--ckpt_path")
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config.get(str(self.subcommand), self.config).get("trainer") or {}
@@ -175,7 +183,8 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         # always on, in every config: stop cleanly on SIGTERM/SIGINT; best validation values in the W&B summary
-        trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary()]},
+        # and the held setup lines printed once the command really starts (held_output.py)
+        trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary(), ReleaseHeldOutput()]},
         parser_kwargs={"description": DESCRIPTION, "default_env": False},
         args=args,
     )
@@ -188,7 +197,15 @@ def main(argv: list[str] | None = None) -> None:
             from tim4rec_pl.data.cli import main as data_main
 
             sys.exit(data_main(args[1:]))
-        run_cli(argv)  # None: LightningCLI reads sys.argv itself
+        _configure_logging()
+        HELD.start()  # setup lines wait until the command starts: a user error before then is the only line
+        try:
+            run_cli(argv)  # None: LightningCLI reads sys.argv itself
+        except UserError:
+            HELD.discard()
+            raise
+        finally:
+            HELD.release()
     except UserError as err:
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
