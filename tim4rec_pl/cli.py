@@ -24,7 +24,7 @@ from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file, re
 from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.held_output import HELD, ReleaseHeldOutput
-from tim4rec_pl.leftovers import RunFiles, isolate_wandb_temp
+from tim4rec_pl.leftovers import RunFiles, begin_private_temp, end_private_temp, isolate_wandb_temp
 from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.resilience import FaultTolerance, print_interrupt
@@ -54,6 +54,7 @@ class TiM4RecCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
+        end_private_temp()  # begun in run_cli, for the parsing
         trainer = self.config.get(str(self.subcommand), self.config).get("trainer") or {}
         if "wandb" in str(trainer.get("logger")).lower():
             isolate_wandb_temp()  # W&B's temp folders in a private folder, removed at exit (leftovers.py)
@@ -177,6 +178,14 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
     """Build and run the Lightning CLI (also used by tests, which pass ``args``)."""
     _configure_logging()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    begin_private_temp()  # W&B's temp folders, if parsing imports it, in a private folder (leftovers.py)
+    try:
+        return _build_cli(args)
+    finally:
+        end_private_temp()
+
+
+def _build_cli(args: list[str] | None) -> TiM4RecCLI:
     return TiM4RecCLI(
         SeqRecModule,
         SeqRecDataModule,

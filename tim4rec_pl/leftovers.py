@@ -4,10 +4,10 @@
   to (its loggers' folders) before it starts; when the command fails, everything it added there is removed
   (``config.yaml``, a new ``version_N/`` or W&B run folder, a folder created for the run) and nothing that
   existed before is touched.
-* :func:`isolate_wandb_temp`: W&B creates ``wandb-media`` and ``wandb-artifacts`` folders in the system temp folder
-  when it is imported and removes them only at a clean exit. They are created inside a private folder of this
-  process instead (``tim4rec-pl.tmp-<host>-<pid>-...`` in the system temp folder), removed at exit; the private
-  folders of processes that were killed are removed at the next start.
+* W&B creates ``wandb-media`` and ``wandb-artifacts`` folders in the system temp folder when it is imported and
+  removes them only at a clean exit. The CLI has them created inside a private folder of its process instead
+  (``.tim4rec-pl.tmp-<host>-<pid>-...`` in the system temp folder, removed at exit; :func:`begin_private_temp`,
+  :func:`isolate_wandb_temp`); the private folders of processes that were killed are removed at the next start.
 """
 
 from __future__ import annotations
@@ -108,36 +108,48 @@ def _finish_wandb() -> None:
 
 # -------------------------------------------------------------------------------------------------- W&B temp
 _private: Path | None = None
+_saved_tempdir: list[str | None] = []
 
 
-def isolate_wandb_temp() -> Path | None:
-    """Import W&B with the temp folder pointed at a private folder of this process (see the module docstring).
-
-    Also removes the private folders of earlier processes that are gone. Returns the private folder, or None when
-    W&B is not installed or was imported already.
-    """
+def _private_dir() -> Path:
     global _private
-    system_tmp = tempfile.gettempdir()
-    remove_stale_temporaries(system_tmp, prefix=f".{_PRIVATE_PREFIX}")
-    if _private is not None or "wandb" in sys.modules:
-        return _private
+    if _private is None:
+        system_tmp = tempfile.gettempdir()
+        remove_stale_temporaries(system_tmp, prefix=f".{_PRIVATE_PREFIX}")  # those of killed processes
+        _private = Path(system_tmp) / temporary_name(_PRIVATE_PREFIX)
+        _private.mkdir(mode=0o700)
+        atexit.register(shutil.rmtree, _private, True)
+    return _private
+
+
+def begin_private_temp() -> None:
+    """Point ``tempfile`` at this process's private folder, while the CLI parses its config: parsing may import
+    W&B (it resolves the logger's signature), which then creates its temp folders there."""
+    _saved_tempdir.append(tempfile.tempdir)
+    tempfile.tempdir = str(_private_dir())
+
+
+def end_private_temp() -> None:
+    """Back to the system temp folder (for everything else: compile caches, downloads ...)."""
+    if _saved_tempdir:
+        tempfile.tempdir = _saved_tempdir.pop()
+
+
+def isolate_wandb_temp() -> None:
+    """Import W&B (when installed and not imported yet) with its temp folders in the private folder."""
+    if "wandb" in sys.modules:
+        return
     try:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
-            return None
+            return
     except (ImportError, ValueError):
-        return None
-    private = Path(system_tmp) / temporary_name(_PRIVATE_PREFIX)
-    private.mkdir(mode=0o700)
-    atexit.register(shutil.rmtree, private, True)
-    saved = tempfile.tempdir
-    tempfile.tempdir = str(private)
+        return
+    begin_private_temp()
     try:
-        import wandb  # noqa: F401  # creates its temp folders now, inside `private`
+        import wandb  # noqa: F401  # creates its temp folders now, in the private folder
     except Exception:  # a broken W&B install: the logger reports it when it is used
         pass
     finally:
-        tempfile.tempdir = saved
-    _private = private
-    return private
+        end_private_temp()

@@ -200,6 +200,11 @@ def _rows(mask: pl.Series, shown: int = 5) -> str:
     return f"data row{'s' if len(where) > 1 else ''} {first}{more}"
 
 
+def _count(mask: pl.Series) -> str:
+    n = int(mask.sum())
+    return f"{n} timestamp{'s' if n != 1 else ''}"
+
+
 def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
     """Convert a raw timestamp column to float64 seconds, or raise a UserError naming the bad rows.
 
@@ -241,7 +246,7 @@ def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
             first = int(few.arg_true()[0])
             kind = "above 1e11 (milliseconds?)" if few is big else "below 1e11 (seconds?)"
             raise UserError(
-                f"{path}: column {name!r} mixes units: {int(few.sum())} timestamps {kind} among {int(many.sum())} "
+                f"{path}: column {name!r} mixes units: {_count(few)} {kind} among {int(many.sum())} "
                 f"that are not ({_rows(few)}; first: {raw[first]!r}); set time_unit to s or ms to say which, or fix "
                 "those rows"
             )
@@ -254,7 +259,7 @@ def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
         first = int(outside.arg_true()[0])
         reading = {"s": "seconds", "ms": "milliseconds", "iso": "ISO datetimes"}.get(unit, "datetimes")
         raise UserError(
-            f"{path}: column {name!r} has {int(outside.sum())} timestamps before 1970 or after 2100 when read as "
+            f"{path}: column {name!r} has {_count(outside)} before 1970 or after 2100 when read as "
             f"{reading} ({_rows(outside)}; first: {raw[first]!r}); fix or remove those rows, or {option}"
         )
     return secs
