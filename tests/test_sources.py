@@ -322,7 +322,8 @@ def test_one_millisecond_value_among_seconds_is_an_error_naming_the_row(tmp_path
 def test_a_few_seconds_among_milliseconds_are_named_too(tmp_path):
     millis = [str(1_600_000_000_000 + k) for k in range(9)]
     path = write_times(tmp_path / "mixed.csv", millis[:2] + ["1600000000"] + millis[2:4] + ["1600000001"] + millis[4:])
-    with pytest.raises(UserError, match=r"2 timestamps below 1e11 \(seconds\?\) among 9 that are not \(data rows 3, 6;"):
+    expected = r"2 timestamps below 1e11 \(seconds\?\) among 9 that are not \(data rows 3, 6;"
+    with pytest.raises(UserError, match=expected):
         read_interactions(path)
 
 
