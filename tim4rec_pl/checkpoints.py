@@ -117,10 +117,8 @@ def read_checkpoint(
         raise refusal
     try:
         obj = restricted_load(path)
-    except Exception as err:
-        raise UserError(
-            f"{option} {path}: the checkpoint file is truncated or damaged ({_first_sentence(err)}); {fix}"
-        ) from None
+    except Exception:  # the objects do more than hold data (a callable applied to arguments ...): refused
+        raise refusal from None
     outside = {k: v for k, v in obj.items() if k != "config"} if isinstance(obj, Mapping) else obj
     if is_inert_object is not None and _contains(outside, is_inert_object):
         raise refusal
