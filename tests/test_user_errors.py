@@ -299,3 +299,11 @@ def test_edited_manifest_statistics_are_noticed(tmp_path):
 def test_temporary_names_record_host_and_process():
     name = temporary_name("best.ckpt")
     assert name.startswith(".best.ckpt.tmp-") and f"-{os.getpid()}-" in name and _HOST in name
+
+
+def test_a_mistake_in_the_command_line_is_one_line_too(world):
+    tmp, cfg, _, _ = world
+    before = tree(tmp)
+    result = run_cli(tmp, "test", "--config", str(cfg), "--model.lr", "fast")
+    assert_one_line(result, 'Parser key "model.lr": Expected a', "Got value: fast; see tim4rec-pl test --help")
+    assert tree(tmp) == before

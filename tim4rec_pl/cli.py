@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tim4rec_pl.atomic import write_text_atomically
+from tim4rec_pl.atomic import remove_stale_temporaries, write_text_atomically
 from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file, read_checkpoint
 from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
@@ -45,6 +45,11 @@ class TiM4RecCLI(LightningCLI):
         # commands but registered in all so that one config with a predictions: section serves every command.
         # (Not "predict": jsonargparse already names the group of trainer.predict's own arguments so.)
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.error = _parser_error(parser)  # one line instead of the full usage (see docs/errors.md)
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before anything else: identify the file first
@@ -107,6 +112,18 @@ def with_atomic_checkpoints(plugins: Any) -> list[Any]:
     return plugins
 
 
+def _parser_error(parser: LightningArgumentParser) -> Any:
+    """A parser's ``error``: a one-line UserError naming the option's problem and where the help is."""
+
+    def error(message: str, ex: Exception | None = None) -> None:
+        sub = getattr(ex, "subcommand_parser", None) or parser
+        prog = sub.prog.replace(" [options]", "")
+        first = " ".join(str(message).split())  # jsonargparse's messages may span lines
+        raise UserError(f"{first}; see {prog} --help")
+
+    return error
+
+
 class _AtomicSaveParser:
     """The config callback's parser, with ``save`` writing ``config.yaml`` through a temporary file."""
 
@@ -117,6 +134,7 @@ class _AtomicSaveParser:
         return getattr(self._parser, name)
 
     def save(self, cfg: Any, path: str, skip_none: bool = True, **kwargs: Any) -> None:
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))  # what a killed run left
         write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
 
 

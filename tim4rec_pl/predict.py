@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from tim4rec_pl.atomic import atomic_path, temporary_name
+from tim4rec_pl.atomic import atomic_path, remove_stale_temporaries, temporary_name
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.metrics import topk_items
 
@@ -260,6 +260,7 @@ class PredictionWriter(Callback):
             .sort(["_order", "rank"])
             .drop(["_order", "_dense"])
         )
+        remove_stale_temporaries(self.output.parent)  # what a killed predict left
         with atomic_path(self.output, what="predictions") as tmp:
             try:
                 if self.format == "csv":
