@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,7 +206,8 @@ class PredictionWriter(Callback):
         if trainer.world_size == 1:
             self._write(frame, dm.num_users)
             return
-        parts = Path(f"{self.output}.parts-{strategy.broadcast(uuid.uuid4().hex[:12], src=0)}")
+        # named for rank 0's host and process: a later predict removes it if this one is killed
+        parts = self.output.with_name(strategy.broadcast(temporary_name(f"{self.output.name}.parts"), src=0))
         parts.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(parts / f"part-{trainer.global_rank:05d}.parquet")
         strategy.barrier("predict_parts_written")
