@@ -111,22 +111,29 @@ _private: Path | None = None
 _saved_tempdir: list[str | None] = []
 
 
-def _private_dir() -> Path:
+def _private_dir() -> Path | None:
+    """This process's private temp folder (created on first use), or None where the temp folder is not writable."""
     global _private
     if _private is None:
         system_tmp = tempfile.gettempdir()
         remove_stale_temporaries(system_tmp, prefix=f".{_PRIVATE_PREFIX}")  # those of killed processes
-        _private = Path(system_tmp) / temporary_name(_PRIVATE_PREFIX)
-        _private.mkdir(mode=0o700)
-        atexit.register(shutil.rmtree, _private, True)
+        private = Path(system_tmp) / temporary_name(_PRIVATE_PREFIX)
+        try:
+            private.mkdir(mode=0o700)
+        except OSError:
+            return None
+        atexit.register(shutil.rmtree, private, True)
+        _private = private
     return _private
 
 
 def begin_private_temp() -> None:
     """Point ``tempfile`` at this process's private folder, while the CLI parses its config: parsing may import
     W&B (it resolves the logger's signature), which then creates its temp folders there."""
+    private = _private_dir()
     _saved_tempdir.append(tempfile.tempdir)
-    tempfile.tempdir = str(_private_dir())
+    if private is not None:
+        tempfile.tempdir = str(private)
 
 
 def end_private_temp() -> None:

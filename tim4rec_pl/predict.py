@@ -65,8 +65,9 @@ def check_writable(output: Path) -> None:
         except OSError as err:
             problem = f"{folder}: {err.strerror or err}"
     if problem:
-        raise UserError(f"--predictions.output {output}: cannot write there ({problem}); choose a file in a folder "
-                        "you can write to")
+        raise UserError(
+            f"--predictions.output {output}: cannot write there ({problem}); choose a file in a folder you can write to"
+        )
 
 
 def read_user_tokens(users: list[str | int] | str) -> list[str]:
