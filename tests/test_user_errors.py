@@ -161,6 +161,16 @@ def test_unwritable_predictions_target_is_refused_before_scoring(world):
     assert tree(tmp) == before
 
 
+def test_read_only_predictions_folder_is_refused_before_scoring(world, tmp_path, mount_small_fs):
+    tmp, cfg, best, _ = world
+    read_only = mount_small_fs(tmp_path / "ro", "size=1m,ro")  # read-only even for root
+    before = tree(tmp)
+    result = run_cli(tmp, "predict", "--config", str(cfg), "--ckpt_path", str(best),
+                     "--predictions.output", str(read_only / "top.parquet"))  # fmt: skip
+    assert_one_line(result, f"cannot write there ({read_only}: Read-only file system); choose a file in a folder")
+    assert tree(tmp) == before and os.listdir(read_only) == []
+
+
 def test_top_k_beyond_the_catalogue_is_one_line(world):
     tmp, cfg, best, _ = world
     before = tree(tmp)
@@ -203,9 +213,9 @@ def mount_small_fs():
     """Mounts a 6 MB tmpfs at a given folder (root only); skips the test where mounting is not possible."""
     mounted = []
 
-    def mount(folder: Path) -> Path:
+    def mount(folder: Path, options: str = "size=6m") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True,
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
                               text=True)  # fmt: skip
         if done.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here ({(done.stderr or 'mount failed').strip()[:100]})")
