@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from tim4rec_pl.atomic import _HOST, remove_stale_temporaries, temporary_name
 from tim4rec_pl.data.prepare import ProtocolConfig, SourceConfig, load_or_prepare
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.leftovers import RunFiles
 from tim4rec_pl.model.sasrec import SASRec
 
 PREFIX = "tim4rec-pl: error: "
@@ -317,3 +318,29 @@ def test_a_mistake_in_the_command_line_is_one_line_too(world):
     result = run_cli(tmp, "test", "--config", str(cfg), "--model.lr", "fast")
     assert_one_line(result, 'Parser key "model.lr": Expected a', "Got value: fast; see tim4rec-pl test --help")
     assert tree(tmp) == before
+
+
+def test_run_files_removes_only_what_the_failed_command_added(tmp_path):
+    root = tmp_path / "runs"
+    (root / "csv" / "version_0").mkdir(parents=True)
+    (root / "csv" / "version_0" / "metrics.csv").write_text("an earlier run\n")
+    (root / "wandb").mkdir()
+    (root / "wandb" / "latest-run").symlink_to("offline-run-old")
+    files = RunFiles([root, tmp_path / "new" / "deeper"], keep=[root / "checkpoints"])
+    before = tree(tmp_path)
+    # what the failed command wrote
+    (root / "csv" / "version_1").mkdir()
+    (root / "csv" / "version_1" / "config.yaml").write_text("this command\n")
+    (root / "wandb" / "offline-run-new").mkdir()
+    (root / "wandb" / "latest-run").unlink()
+    (root / "wandb" / "latest-run").symlink_to("offline-run-new")
+    (tmp_path / "new" / "deeper").mkdir(parents=True)
+    # what a fit running beside it wrote meanwhile: kept
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "best.ckpt").write_text("weights\n")
+    temporary = root / temporary_name("metrics.csv")
+    temporary.write_text("half\n")
+    files.remove_new()
+    kept = {str(root / "checkpoints"), str(root / "checkpoints" / "best.ckpt"), str(temporary)}
+    assert tree(tmp_path) == before | kept
+    assert os.readlink(root / "wandb" / "latest-run") == "offline-run-old"

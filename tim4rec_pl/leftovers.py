@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tim4rec_pl.atomic import remove_stale_temporaries, temporary_name
+from tim4rec_pl.atomic import TMP_MARK, remove_stale_temporaries, temporary_name
 
 _PRIVATE_PREFIX = "tim4rec-pl"
 
@@ -38,12 +38,22 @@ def _walk(root: Path) -> dict[str, str | None]:
     return found
 
 
+def _get(obj: Any, key: str) -> Any:
+    """``obj[key]`` of a parsed config node (a Namespace or a dict), None when missing."""
+    if obj is None:
+        return None
+    return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)
+
+
 class RunFiles:
     """What a command may add to its loggers' folders, to take it away again if the command fails."""
 
-    def __init__(self, roots: Iterable[str | os.PathLike]) -> None:
+    def __init__(self, roots: Iterable[str | os.PathLike], keep: Iterable[str | os.PathLike] = ()) -> None:
+        """Remember ``roots``. Never removed: anything under ``keep`` (checkpoint folders, which these commands do
+        not write but a ``fit`` running beside them may) and temporary files (another process's writes)."""
         self.existing: dict[Path, dict[str, str | None]] = {}  # root -> its contents before the command
         self.created: list[Path] = []  # the topmost folder of each root that did not exist yet
+        self.keep = [Path(k).absolute() for k in keep]
         for root in dict.fromkeys(Path(r).absolute() for r in roots):
             if root.is_dir():
                 self.existing[root] = _walk(root)
@@ -56,36 +66,41 @@ class RunFiles:
 
     @classmethod
     def from_trainer_config(cls, trainer: Mapping[str, Any] | Any) -> RunFiles:
-        """The folders of the loggers in a parsed ``trainer:`` section (default logger: ``lightning_logs/``)."""
-        get = trainer.get if hasattr(trainer, "get") else lambda key, default=None: getattr(trainer, key, default)
-        root = get("default_root_dir") or os.getcwd()
-        logger = get("logger")
-        loggers = logger if isinstance(logger, list) else [logger]
+        """The folders of the loggers in a parsed ``trainer:`` section (default logger: ``lightning_logs/``), keeping
+        the folders of its checkpoint callbacks."""
+        root = _get(trainer, "default_root_dir") or os.getcwd()
+        logger, callbacks = _get(trainer, "logger"), _get(trainer, "callbacks") or []
         roots = []
-        for item in loggers:
+        for item in logger if isinstance(logger, list) else [logger]:
             if item is None or item is True:
                 roots.append(Path(root) / "lightning_logs")
             elif item is not False:
-                args = item.get("init_args") if hasattr(item, "get") else getattr(item, "init_args", None)
-                save_dir = (
-                    (args.get("save_dir") if hasattr(args, "get") else getattr(args, "save_dir", None))
-                    if args
-                    else None
-                )
-                roots.append(Path(save_dir) if save_dir else Path(root))
-        return cls(roots)
+                roots.append(Path(_get(_get(item, "init_args"), "save_dir") or root))
+        keep = [
+            _get(_get(item, "init_args"), "dirpath")
+            for item in (callbacks if isinstance(callbacks, list) else [callbacks])
+        ]
+        return cls(roots, [k for k in keep if k])
+
+    def _kept(self, path: Path) -> bool:
+        return TMP_MARK in path.name or any(path == k or k in path.parents for k in self.keep)
 
     def remove_new(self) -> None:
         """Remove what was added since this object was made; put back symbolic links that were re-pointed."""
         _finish_wandb()
         for top in self.created:
-            shutil.rmtree(top, ignore_errors=True)
+            if not any(k == top or top in k.parents for k in self.keep):
+                shutil.rmtree(top, ignore_errors=True)
         for root, before in self.existing.items():
             if not root.is_dir():
                 continue
             now = _walk(root)
             for rel in sorted(now, key=lambda r: r.count(os.sep)):  # outermost first: a new folder goes whole
                 path = root / rel
+                if self._kept(path) or any(k in path.parents for k in self.keep):
+                    continue
+                if rel not in before and any(k.is_relative_to(path) for k in self.keep):
+                    continue  # a new folder that holds a checkpoint folder: its other new files go one by one
                 if rel not in before:
                     if path.is_dir() and not path.is_symlink():
                         shutil.rmtree(path, ignore_errors=True)
