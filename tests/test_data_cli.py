@@ -88,7 +88,7 @@ def test_help_is_helpful(capsys):
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     code, out, err = run(capsys, [*argv, "--data_dir", str(tmp_path / "data")] if argv != ["frobnicate"] else argv)
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and err.startswith("tim4rec-pl: error: ") and message in err
     assert not (tmp_path / "data").exists()
 
 

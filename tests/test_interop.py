@@ -244,17 +244,17 @@ def test_overrides_win(tmp_path):
 
 
 def test_bad_files_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such checkpoint file"):
         read_recbole_checkpoint(tmp_path / "missing.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
         read_recbole_checkpoint(corrupt)
     truncated = tmp_path / "truncated.pth"
     sd = random_reference_state_dict(n_items=20, d_model=16, max_seq_len=6, num_layers=1, d_state=8, head_dim=8)
     save_reference_checkpoint(truncated, sd, {}, as_object=False)
     truncated.write_bytes(truncated.read_bytes()[:300])
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="truncated or damaged"):
         read_recbole_checkpoint(truncated)
     no_state = tmp_path / "no_state.pth"
     torch.save({"epoch": 1, "config": {}}, no_state)

@@ -354,6 +354,7 @@ def test_atomic_save_never_leaves_a_torn_checkpoint(tmp_path):
     with pytest.raises(OSError):
         save_checkpoint_atomically(_SavingTrainer(fail=True), target)
     assert target.read_bytes() == b"partial and complete"  # the old checkpoint survives a failed write
+    assert os.listdir(target.parent) == ["last.ckpt"]  # and no temporary file is left
 
 
 def test_describe_interrupt_builds_the_resume_command():

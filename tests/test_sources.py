@@ -133,10 +133,10 @@ def test_wrong_delimiter_is_recognised(tmp_path):
 @pytest.mark.parametrize(
     ("values", "counts"),
     [
-        (["1", "abc", "2", "x"], "2 non-numeric, 0 null, 0 negative and 0 non-finite"),
-        (["1", "", "3", ""], "0 non-numeric, 2 null, 0 negative and 0 non-finite"),
-        (["1", "-5", "3", "4"], "0 non-numeric, 0 null, 1 negative and 0 non-finite"),
-        (["1", "inf", "nan", "4"], "0 non-numeric, 0 null, 0 negative and 2 non-finite"),
+        (["1", "abc", "2", "x"], "2 non-numeric, 0 null and 0 non-finite timestamps (data rows 2, 4; first: 'abc')"),
+        (["1", "", "3", ""], "0 non-numeric, 2 null and 0 non-finite timestamps (data rows 2, 4; first: None)"),
+        (["1", "-5", "3", "4"], "1 timestamp before 1970 or after 2100 when read as seconds (data row 2; first: '-5')"),
+        (["1", "inf", "nan", "4"], "0 non-numeric, 0 null and 2 non-finite timestamps (data rows 2, 3; first: 'inf')"),
     ],
 )
 def test_bad_timestamps_are_counted(tmp_path, values, counts):
@@ -145,7 +145,7 @@ def test_bad_timestamps_are_counted(tmp_path, values, counts):
     with pytest.raises(UserError) as e:
         read_interactions(path)
     msg = str(e.value)
-    assert "bad.csv" in msg and counts in msg and "first bad data row 2" in msg and "fix or remove" in msg
+    assert "bad.csv" in msg and counts in msg and "fix or remove" in msg and "time_unit" in msg
 
 
 def test_null_ids_fail_unless_dropped(tmp_path):
@@ -294,3 +294,57 @@ def test_pip_download_runs_pip_without_dependencies(tmp_path, monkeypatch):
     assert wheel.name == "recbole-1.2.1-py3-none-any.whl"
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and cmd[-1] == "recbole==1.2.1"
+
+
+# --- timestamps are checked, never guessed value by value ----------------------------------------------------------
+
+
+def write_times(path: Path, values: list[str]) -> Path:
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"u{k % 3},i{k},{v}\n" for k, v in enumerate(values)))
+    return path
+
+
+def test_one_millisecond_value_among_seconds_is_an_error_naming_the_row(tmp_path):
+    seconds = [str(978300760 + 60 * k) for k in range(20)]
+    path = write_times(tmp_path / "mixed.csv", seconds[:7] + ["978300760500"] + seconds[7:])
+    with pytest.raises(UserError) as e:
+        read_interactions(path)
+    msg = str(e.value)
+    assert "mixes units: 1 timestamp above 1e11 (milliseconds?) among 20" in msg
+    assert "data row 8; first: '978300760500'" in msg and "time_unit" in msg and "\n" not in msg
+    # the user says which unit: then the odd value is reported as out of range, not silently rescaled
+    with pytest.raises(UserError, match=r"1 timestamp before 1970 or after 2100 when read as seconds \(data row 8;"):
+        read_interactions(path, time_unit="s")
+    frame, _ = read_interactions(write_times(tmp_path / "s.csv", seconds))  # the column alone stays in seconds
+    assert frame["timestamp"].to_list() == [float(v) for v in seconds]
+
+
+def test_a_few_seconds_among_milliseconds_are_named_too(tmp_path):
+    millis = [str(1_600_000_000_000 + k) for k in range(9)]
+    path = write_times(tmp_path / "mixed.csv", millis[:2] + ["1600000000"] + millis[2:4] + ["1600000001"] + millis[4:])
+    expected = r"2 timestamps below 1e11 \(seconds\?\) among 9 that are not \(data rows 3, 6;"
+    with pytest.raises(UserError, match=expected):
+        read_interactions(path)
+
+
+@pytest.mark.parametrize(
+    ("unit", "value", "reading"),
+    [
+        ("auto", "1e30", "mixes units"),  # one absurd value among seconds
+        ("s", "1e30", "when read as seconds"),
+        ("s", "4102444800", "when read as seconds"),  # 2100-01-01 exactly: the first value out of range
+        ("ms", "-1", "when read as milliseconds"),
+        ("iso", "1969-12-31", "when read as ISO datetimes"),
+    ],
+)
+def test_implausible_timestamps_are_refused(tmp_path, unit, value, reading):
+    ok = {"auto": "978300760", "s": "978300760", "ms": "978300760000", "iso": "2001-01-01"}[unit]
+    path = write_times(tmp_path / "t.csv", [ok, ok, value, ok])
+    with pytest.raises(UserError) as e:
+        read_interactions(path, time_unit=unit)
+    assert reading in str(e.value) and "data row 3" in str(e.value) and "time_unit" in str(e.value)
+
+
+def test_the_last_plausible_instants_are_kept(tmp_path):
+    frame, _ = read_interactions(write_times(tmp_path / "t.csv", ["0", "4102444799"]), time_unit="s")
+    assert frame["timestamp"].to_list() == [0.0, 4102444799.0]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tim4rec_pl.checkpoints import INIT_FIX, read_checkpoint
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.tim4rec import TiM4Rec
 from tim4rec_pl.model.time_path import upgrade_state_dict
@@ -151,21 +152,16 @@ def _restricted_pickle_module() -> types.ModuleType:
     return mod
 
 
-def _torch_load(path: str) -> Any:
-    """torch.load: weights-only first; then the restricted unpickler (pickled config objects)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist or is not a file: check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled object outside torch's allow-list, or a damaged file
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
-        except Exception as err:
-            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise UserError(
-                f"cannot read checkpoint {path!r} ({reason}): "
-                "pass a .pth written by the reference code or a .ckpt written by tim4rec-pl"
-            ) from err
+def _restricted_load(path: str) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+
+
+def _torch_load(path: str, option: str = "checkpoint") -> Any:
+    """The file under the rule of ``tim4rec_pl.checkpoints``: weights-only; pickled objects only as the reference
+    code's ``config`` entry, rebuilt as inert stubs (nothing imported or run)."""
+    return read_checkpoint(
+        path, option, restricted_load=_restricted_load, is_inert_object=lambda obj: isinstance(obj, _Stub)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -184,23 +180,26 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return {}
 
 
-def read_recbole_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_recbole_checkpoint(
+    path: str | os.PathLike, option: str = "checkpoint"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a reference (RecBole) checkpoint without RecBole.
 
     Args:
         path: a `.pth` file holding `{"state_dict": ..., "config": ...}`; a bare state dict is accepted too.
+        option: names the file in error messages (``--model.init_from`` from the CLI).
 
     Returns:
         The state dict (tensors on CPU) and the configuration as a plain dict (empty when the file has none).
     """
     path = os.fspath(path)
-    obj = _torch_load(path)
+    obj = _torch_load(path, option)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state, config = obj["state_dict"], _config_dict(obj.get("config"))
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         state, config = obj, {}
     else:
-        raise UserError(f"checkpoint {path!r} has no `state_dict`: pass a .pth saved by the reference TiM4Rec code")
+        raise UserError(f"{option} {path}: no `state_dict` in the checkpoint; {INIT_FIX}")
     state = {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
     return state, config
 
@@ -292,15 +291,15 @@ def _check_state_dict(network: nn.Module, state: Mapping[str, Tensor], source: s
     hint = "build the network with the checkpoint's hyperparameters (num_layers, is_time, max_seq_len, d_model ...)"
     for key, value in expected.items():
         if key not in state:
-            raise UserError(f"{source}: key {key!r} is missing from the checkpoint: {hint}")
+            raise UserError(f"{source}: key {key!r} is missing from the checkpoint; {hint}")
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(
                 f"{source}: {key!r} has shape {tuple(state[key].shape)} in the checkpoint but {tuple(value.shape)} "
-                f"in the network: {hint}"
+                f"in the network; {hint}"
             )
     for key in state:
         if key not in expected:
-            raise UserError(f"{source}: unexpected key {key!r} in the checkpoint: {hint}")
+            raise UserError(f"{source}: unexpected key {key!r} in the checkpoint; {hint}")
 
 
 def load_recbole_checkpoint(path: str | os.PathLike, **overrides: Any) -> TiM4Rec:
@@ -325,17 +324,17 @@ def load_recbole_checkpoint(path: str | os.PathLike, **overrides: Any) -> TiM4Re
     return network.eval()
 
 
-def load_network_weights(network: nn.Module, path: str | os.PathLike) -> None:
+def load_network_weights(network: nn.Module, path: str | os.PathLike, option: str = "checkpoint") -> None:
     """Load weights into an existing network, strictly: a reference `.pth` or a tim4rec-pl Lightning `.ckpt`.
 
     Lightning checkpoints prefix the network's keys with `network.` (and `_orig_mod.` under torch.compile);
     both prefixes are stripped. A missing, mis-shaped or unexpected key raises a UserError naming it.
     """
     path = os.fspath(path)
-    state, _ = read_recbole_checkpoint(path)
+    state, _ = read_recbole_checkpoint(path, option)
     if any(k.startswith("network.") for k in state):
         state = {k[len("network.") :]: v for k, v in state.items() if k.startswith("network.")}
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     target = getattr(network, "_orig_mod", network)  # a torch.compile'd network shares its parameters
-    _check_state_dict(target, state, path)
+    _check_state_dict(target, state, f"{option} {path}")
     target.load_state_dict(state, strict=True)

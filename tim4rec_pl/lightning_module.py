@@ -58,7 +58,7 @@ class SeqRecModule(L.LightningModule):
         if init_from:
             from tim4rec_pl.interop import load_network_weights
 
-            load_network_weights(self.network, init_from)
+            load_network_weights(self.network, init_from, "--model.init_from")
         self.encoder = inference.for_network(network)  # eval-mode forward without autograd (not a submodule)
         self._compiled = False
         self._compile = compile

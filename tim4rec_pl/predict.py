@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,15 +32,42 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from tim4rec_pl.atomic import atomic_path, remove_stale_temporaries, temporary_name
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.metrics import topk_items
 
-__all__ = ["PredictionWriter", "read_user_tokens", "resolve_users", "seen_items"]
+__all__ = ["PredictionWriter", "check_writable", "read_user_tokens", "resolve_users", "seen_items"]
 
 log = logging.getLogger("tim4rec_pl")
 
 PredictMode = Literal["next", "test"]
 OutputFormat = Literal["auto", "parquet", "csv"]
+
+
+def check_writable(output: Path) -> None:
+    """UserError unless ``output`` can be created: its nearest existing folder takes a new file (probed with one).
+
+    Nothing is created when the check fails; the probe file is removed at once.
+    """
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    problem = None
+    if output.is_dir():
+        problem = "it is a folder"
+    elif not folder.is_dir():
+        problem = f"{folder} is a file, not a folder"
+    else:
+        probe = folder / temporary_name("probe")
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            probe.unlink()
+        except OSError as err:
+            problem = f"{folder}: {err.strerror or err}"
+    if problem:
+        raise UserError(
+            f"--predictions.output {output}: cannot write there ({problem}); choose a file in a folder you can write to"
+        )
 
 
 def read_user_tokens(users: list[str | int] | str) -> list[str]:
@@ -98,8 +124,9 @@ class PredictionWriter(Callback):
         """Writes each user's top-K items during ``tim4rec-pl predict`` (it does nothing in fit / validate / test).
 
         Args:
-            top_k: Items per user (at most the catalogue size).
-            output: File to write; its parent folder is created. Written atomically (a temporary file, then a rename).
+            top_k: Items per user; more than the catalogue holds is an error.
+            output: File to write; its parent folder is created. Checked before scoring starts; written atomically
+                (a temporary file in the same folder, fsynced, then renamed over the old file).
             format: parquet | csv | auto (csv when ``output`` ends in .csv, else parquet).
             mode: next: recommend after the whole history (what a product shows); test: score each user's test
                 position with the history the test metrics use, adding a target_id column (to audit the metrics).
@@ -132,6 +159,13 @@ class PredictionWriter(Callback):
         if dm is None or not hasattr(dm, "prepared"):
             raise UserError("predict needs the SeqRecDataModule (data: section of the config) to map ids to tokens")
         prepared = dm.prepared
+        catalogue = len(prepared.item_tokens) - 1  # without the padding item
+        if self.top_k > catalogue:
+            raise UserError(
+                f"--predictions.top_k {self.top_k} is more than the {catalogue} items of the catalogue; "
+                f"use at most {catalogue}"
+            )
+        check_writable(self.output)  # before any user is scored
         if self.users is not None:
             self._dense_users = resolve_users(read_user_tokens(self.users), prepared.user_tokens)
         # The data module serves the predict loader from these two attributes.
@@ -173,7 +207,8 @@ class PredictionWriter(Callback):
         if trainer.world_size == 1:
             self._write(frame, dm.num_users)
             return
-        parts = Path(f"{self.output}.parts-{strategy.broadcast(uuid.uuid4().hex[:12], src=0)}")
+        # named for rank 0's host and process: a later predict removes it if this one is killed
+        parts = self.output.with_name(strategy.broadcast(temporary_name(f"{self.output.name}.parts"), src=0))
         parts.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(parts / f"part-{trainer.global_rank:05d}.parquet")
         strategy.barrier("predict_parts_written")
@@ -226,16 +261,15 @@ class PredictionWriter(Callback):
             .sort(["_order", "rank"])
             .drop(["_order", "_dense"])
         )
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output.with_name(f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            if self.format == "csv":
-                frame.write_csv(tmp)
-            else:
-                frame.write_parquet(tmp)
-            os.replace(tmp, self.output)
-        finally:
-            tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(self.output.parent)  # what a killed predict left
+        with atomic_path(self.output, what="predictions") as tmp:
+            try:
+                if self.format == "csv":
+                    frame.write_csv(tmp)
+                else:
+                    frame.write_parquet(tmp)
+            except pl.exceptions.PolarsError as err:  # polars reports some I/O errors (a full disk) as its own
+                raise OSError(str(err).strip().splitlines()[0] if str(err).strip() else "write failed") from None
         users = frame["user_id"].n_unique()
         log.info(
             f"predict: wrote {frame.height:,} rows ({users:,} users, top {self.top_k}, mode {self.mode}"

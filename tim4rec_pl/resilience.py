@@ -33,6 +33,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tim4rec_pl.atomic import fsync_dir
+
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -67,16 +69,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint_atomically(trainer: L.Trainer, path: str | os.PathLike) -> Path:
     """Write a full checkpoint to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    A reader (or a later resume) sees the old file or the complete new one, never a torn one. Call it on every rank
-    (saving is collective); rank 0 writes.
+    A reader (or a later resume) sees the old file or the complete new one, never a torn one; a failed write removes
+    the temporary file. (Under the CLI the temporary file is itself written by ``AtomicCheckpointIO``, fsynced.)
+    Call it on every rank (saving is collective); rank 0 writes.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank (a DDP rank may write too)
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(tmp, weights_only=False)  # False: the full training state
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    try:
+        trainer.save_checkpoint(tmp, weights_only=False)  # False: the full training state
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+    except BaseException:
+        if trainer.is_global_zero:
+            tmp.unlink(missing_ok=True)  # a failed write leaves the old checkpoint and no temporary file
+        raise
     trainer.strategy.barrier("tim4rec_pl.save_checkpoint_atomically")
     return path
 

@@ -30,7 +30,7 @@ errors print one line on stderr and exit with code 2."""
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        raise UserError(f"tim4rec-pl data: {message} (see tim4rec-pl data --help)")
+        raise UserError(f"data: {message}; see tim4rec-pl data --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--user_field", help="user column (default per format; atomic/csv: user_id)")
     src.add_argument("--item_field", help="item column (default per format; atomic/csv: item_id)")
     src.add_argument("--time_field", help="timestamp column (default per format; atomic/csv: timestamp)")
-    src.add_argument("--time_unit", choices=TIME_UNITS, help="s | ms | iso | auto (numbers > 1e11 are ms)")
+    src.add_argument("--time_unit", choices=TIME_UNITS, help="s | ms | iso | auto (all > 1e11: ms; all below: s)")
     src.add_argument("--separator", help="column separator of a csv/tsv file, e.g. ';' or '\\t'")
     src.add_argument("--drop_null_ids", action=argparse.BooleanOptionalAction, default=None,
                      help="drop rows with a missing user or item id (default: fail and count them)")  # fmt: skip
@@ -107,7 +107,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[SourceConfig, ProtocolCon
     if args.path is not None and args.dataset is None:
         values.pop("dataset", None)
     if values.get("dataset") is None and values.get("path") is None:
-        raise UserError("tim4rec-pl data: no data source; pass --dataset NAME, --path FILE or --config with data:")
+        raise UserError("data: no data source; pass --dataset NAME, --path FILE or --config with data:")
     for key in ("min_user_inter", "min_item_inter"):
         if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
             raise UserError(f"{key}={values[key]!r} is not valid; use a whole number >= 0")
@@ -154,10 +154,11 @@ def main(argv: list[str]) -> int:
         source, protocol, data_dir = resolve_options(args)
         data = load_or_prepare(source, protocol, data_dir, progress=args.progress)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"tim4rec-pl: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a data_dir that cannot be written
-        print(f"error: {e.filename or ''}: {e.strerror or e}; check the path and its permissions", file=sys.stderr)
+        print(f"tim4rec-pl: error: {e.filename or ''}: {e.strerror or e}; check the path and its permissions",
+              file=sys.stderr)  # fmt: skip
         return 2
     m = data.manifest
     report = {

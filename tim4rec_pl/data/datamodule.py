@@ -221,7 +221,8 @@ class SeqRecDataModule(lightning.LightningDataModule):
         user_field: User column name (default per format; atomic: user_id).
         item_field: Item column name (default per format; atomic: item_id).
         time_field: Timestamp column name (default per format; atomic: timestamp).
-        time_unit: Timestamp unit for csv/tsv/parquet: s | ms | iso | auto.
+        time_unit: Timestamp unit for csv/tsv/parquet: s | ms | iso | auto (numbers all above 1e11: ms, all below: s,
+            both: an error).
         separator: Column separator for csv/tsv files (default per format).
         drop_null_ids: Drop rows with a null user or item id instead of failing.
         data_dir: Root of downloads and prepared caches.

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from tim4rec_pl.atomic import fsync_dir, remove_stale_temporaries, temporary_name
 from tim4rec_pl.data.sources import REGISTRY, Remote, dataset_remote, find_or_fetch, read_interactions, sha256_file
 from tim4rec_pl.errors import UserError
 
@@ -35,7 +36,8 @@ class SourceConfig:
         user_field: User column name (default per format; atomic: user_id).
         item_field: Item column name (default per format; atomic: item_id).
         time_field: Timestamp column name (default per format; atomic: timestamp).
-        time_unit: s | ms | iso | auto, for the generic readers (auto: numbers > 1e11 are ms, strings are ISO).
+        time_unit: s | ms | iso | auto, for the generic readers (auto: a column of numbers all above 1e11 is ms, all
+            below is s, strings are ISO; a column mixing both is an error). Timestamps must lie in 1970-2100.
         separator: Column separator for generic csv/tsv files.
         drop_null_ids: Drop rows with a null user or item id (and report how many) instead of failing.
     """
@@ -111,8 +113,10 @@ def load_or_prepare(
 
     The cache lives in ``<data_dir>/<name>/prepared-<hash of the parameters>/`` (NumPy arrays, Parquet vocabularies
     and ``manifest.json``). It is reused while the parameters and the source file are unchanged, rebuilt (with a
-    warning) when a cached file is unreadable, and written atomically. Concurrent callers (DDP ranks) serialise on a
-    file lock in ``<data_dir>/<name>/``: the first prepares, the others wait and then read the cache.
+    warning) when a cached file is unreadable or does not match its checksum (the statistics in manifest.json have
+    one too), and written atomically; temporary folders that a killed run left are removed first. Concurrent
+    callers (DDP ranks) serialise on a file lock in ``<data_dir>/<name>/``: the first prepares, the others wait
+    and then read the cache.
 
     Args:
         source: Where the interactions come from.
@@ -150,6 +154,7 @@ def load_or_prepare(
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with _file_lock(folder / ".lock"):
+            remove_stale_temporaries(folder)  # what a killed `data prepare` or download left behind
             if file is None:
                 file, remote = find_or_fetch(name, data_dir, progress)
             final = folder / f"prepared-{key}"
@@ -367,11 +372,30 @@ def _prepare(
     return data
 
 
-def _write_cache(data: PreparedData, final: Path) -> None:
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def stats_checksum(stats: dict) -> str:
+    """sha256 of the statistics as written to manifest.json (an edit to them is noticed on load)."""
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_cache(data: PreparedData, final: Path) -> None:
+    """Write the cache into a temporary folder beside ``final`` (every file fsynced), then swap it in.
+
+    The swap renames an old cache aside, renames the new one into place and only then removes the old one, so a
+    failure at any point leaves a complete cache (old or new) under ``final``. Temporary names record the host and
+    process: ``remove_stale_temporaries`` clears those of killed runs (see ``load_or_prepare``).
+    """
+    tmp = final.with_name(temporary_name(final.name))
+    old = final.with_name(temporary_name(final.name + ".old"))
+    try:
+        tmp.mkdir()
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(data, name))
         for name, tokens in zip(_VOCABS, (data.user_tokens, data.item_tokens)):
@@ -379,12 +403,29 @@ def _write_cache(data: PreparedData, final: Path) -> None:
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         data.manifest["files"] = files
         data.manifest["checksum"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        data.manifest["stats_checksum"] = stats_checksum(data.manifest["stats"])
         (tmp / "manifest.json").write_text(json.dumps(data.manifest, indent=2))
+        for path in tmp.iterdir():
+            _fsync(path)
+        fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old.exists() and not final.exists():
+                os.rename(old, final)  # put the previous cache back
+            raise
+        fsync_dir(final.parent)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        reason = (err.strerror or str(err)) if isinstance(err, OSError) else str(err).splitlines()[0]
+        raise UserError(
+            f"cannot write the prepared data to {final} ({reason}); any previous cache is unchanged; free some space "
+            "there or set data_dir to another folder"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_cache(final: Path, file: Path, params: dict) -> PreparedData | None:
@@ -402,6 +443,10 @@ def _load_cache(final: Path, file: Path, params: dict) -> PreparedData | None:
         for name, digest in manifest["files"].items():
             if sha256_file(final / name) != digest:
                 raise ValueError(f"{name} does not match its checksum")
+        if "stats_checksum" not in manifest:
+            raise ValueError("written by an earlier version, without a checksum of its statistics")
+        if manifest["stats_checksum"] != stats_checksum(manifest["stats"]):
+            raise ValueError("the statistics in manifest.json do not match their checksum (edited?)")
         arrays = {name: np.load(final / f"{name}.npy", allow_pickle=False) for name in _ARRAYS}
         users, items = (pl.read_parquet(final / f"{name}.parquet")["token"].to_list() for name in _VOCABS)
     except (OSError, ValueError, KeyError, TypeError, EOFError, pl.exceptions.PolarsError) as e:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import polars as pl
 
+from tim4rec_pl.atomic import temporary_name
 from tim4rec_pl.errors import UserError
 
 FORMATS = ("auto", "atomic", "ml-1m", "ml-100k", "amazon", "kuairand", "csv", "tsv", "parquet")
 TIME_UNITS = ("auto", "s", "ms", "iso")
-MS_THRESHOLD = 1e11  # an epoch in seconds above this is past the year 5000: such numbers are milliseconds
+MS_THRESHOLD = 1e11  # time_unit auto: a column whose values are all above this is in milliseconds (1e11 s: year 5138)
+EARLIEST, LATEST = 0.0, 4102444800.0  # timestamps must lie in [1970-01-01, 2100-01-01) UTC, in seconds
 
 # format -> (separator, has_header, default user/item/time columns (names, or positions without header), time unit)
 _LAYOUTS: dict[str, tuple[str, bool, tuple[str | int, str | int, str | int], str]] = {
@@ -81,7 +83,8 @@ def read_interactions(
         user_field: User column (default per format).
         item_field: Item column (default per format).
         time_field: Timestamp column (default per format).
-        time_unit: s | ms | iso | auto (the format's unit; for generic files numbers > 1e11 are ms, strings ISO).
+        time_unit: s | ms | iso | auto (the format's unit; for generic files a column of numbers all above 1e11 is
+            ms, of numbers all below is s, of strings ISO; a column with both kinds of numbers is an error).
         separator: Column separator for csv/tsv files.
         drop_null_ids: Drop rows whose user or item is missing instead of failing.
 
@@ -189,14 +192,33 @@ def _check_columns(path: Path, names: list[str], fields: tuple[str, str, str], s
     )
 
 
+def _rows(mask: pl.Series, shown: int = 5) -> str:
+    """``data rows 2, 5, 9 (12 in all)``: the first few 1-based data rows (the header not counted) where ``mask``."""
+    where = mask.arg_true()
+    first = ", ".join(str(int(i) + 1) for i in where[:shown])
+    more = f" ({len(where)} in all)" if len(where) > shown else ""
+    return f"data row{'s' if len(where) > 1 else ''} {first}{more}"
+
+
+def _count(mask: pl.Series) -> str:
+    n = int(mask.sum())
+    return f"{n} timestamp{'s' if n != 1 else ''}"
+
+
 def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
-    """Convert a raw timestamp column to float64 seconds, or raise a UserError counting the bad rows."""
+    """Convert a raw timestamp column to float64 seconds, or raise a UserError naming the bad rows.
+
+    Checked, never guessed value by value: every value must parse and be finite; with ``auto`` a numeric column is
+    in milliseconds when all its values are above 1e11 and in seconds when none is, and a column with both is an
+    error; after conversion every timestamp must lie in [1970-01-01, 2100-01-01).
+    """
+    option = "set time_unit (s, ms or iso) to match the column"
     nulls = raw.null_count()
     if raw.dtype == pl.String:
         raw = raw.str.strip_chars()
     if raw.dtype.is_temporal():
         secs = raw.cast(pl.Datetime("us")).dt.epoch("us").cast(pl.Float64) / 1e6
-        bad_parse = 0
+        unit = "datetime"
     else:
         numbers = raw.cast(pl.Float64, strict=False)
         if unit == "iso" or (unit == "auto" and raw.dtype == pl.String and numbers.null_count() == len(raw)):
@@ -205,21 +227,41 @@ def _seconds(path: Path, raw: pl.Series, name: str, unit: str) -> pl.Series:
             secs, unit = _parse_iso(raw).dt.epoch("us").cast(pl.Float64) / 1e6, "iso"
         else:
             secs = numbers
-        bad_parse = secs.null_count() - nulls
-    finite = secs.is_finite().fill_null(True)
-    non_finite = int((~finite).sum())
-    negative = int((secs < 0).fill_null(False).sum())
-    if nulls or bad_parse or non_finite or negative:
-        bad = (secs.is_null() | ~finite | (secs < 0).fill_null(False)).arg_true()
-        first = int(bad[0])
+    unparsed = secs.is_null() & raw.is_not_null()
+    non_finite = ~secs.is_finite().fill_null(True)
+    invalid = secs.is_null() | non_finite
+    if invalid.any():
         kind = "non-numeric" if unit != "iso" else "unparseable (not ISO datetime)"
+        first = int(invalid.arg_true()[0])
         raise UserError(
-            f"{path}: column {name!r} has {bad_parse} {kind}, {nulls} null, {negative} negative and "
-            f"{non_finite} non-finite timestamps (first bad data row {first + 1}: {raw[first]!r}); "
-            "fix or remove those rows, or set time_unit (s, ms or iso) to match the column"
+            f"{path}: column {name!r} has {int(unparsed.sum())} {kind}, {nulls} null and {int(non_finite.sum())} "
+            f"non-finite timestamps ({_rows(invalid)}; first: {raw[first]!r}); fix or remove those rows, or {option}"
         )
-    if unit == "ms" or (unit == "auto" and len(secs) and secs.max() > MS_THRESHOLD):
+    if unit == "auto" and len(secs):
+        big = secs > MS_THRESHOLD
+        if big.all():
+            unit = "ms"
+        elif big.any():  # some values read as milliseconds, the others as seconds: refuse to guess per value
+            few, many = (big, ~big) if big.sum() <= (~big).sum() else (~big, big)
+            first = int(few.arg_true()[0])
+            kind = "above 1e11 (milliseconds?)" if few is big else "below 1e11 (seconds?)"
+            raise UserError(
+                f"{path}: column {name!r} mixes units: {_count(few)} {kind} among {int(many.sum())} "
+                f"that are not ({_rows(few)}; first: {raw[first]!r}); set time_unit to s or ms to say which, or fix "
+                "those rows"
+            )
+        else:
+            unit = "s"
+    if unit == "ms":
         secs = secs / 1000.0
+    outside = (secs < EARLIEST) | (secs >= LATEST)
+    if outside.any():
+        first = int(outside.arg_true()[0])
+        reading = {"s": "seconds", "ms": "milliseconds", "iso": "ISO datetimes"}.get(unit, "datetimes")
+        raise UserError(
+            f"{path}: column {name!r} has {_count(outside)} before 1970 or after 2100 when read as "
+            f"{reading} ({_rows(outside)}; first: {raw[first]!r}); fix or remove those rows, or {option}"
+        )
     return secs
 
 
@@ -387,7 +429,8 @@ def http_download(url: str, dest: Path, progress: bool = True, timeout: float = 
 
 def _fetch(remote: Remote, dest: Path, progress: bool) -> str:
     """Fetch one source into ``dest`` (atomically) and return the file's sha256."""
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+    # named for this host and process: a later run removes it if this one is killed (atomic.remove_stale_temporaries)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temporary_name("fetch") + "-") as tmp:
         tmp = Path(tmp)
         if remote.kind == "pip":
             from tqdm.auto import tqdm
