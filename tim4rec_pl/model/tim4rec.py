@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model import parallel
+from tim4rec_pl.model.base import SequenceEncoder
 from tim4rec_pl.model.layers import (
     Dropout,
     FeedForward,
@@ -288,7 +289,7 @@ class TiM4RecLayer(nn.Module):
         return out, tau
 
 
-class TiM4Rec(nn.Module):
+class TiM4Rec(SequenceEncoder):
     """TiM4Rec sequence encoder with a tied item-embedding output layer (SPEC §3)."""
 
     def __init__(
