@@ -9,6 +9,7 @@ import tim4rec_pl.cpu_runtime  # noqa: F401
 import logging
 import os
 import pickle
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -99,6 +100,13 @@ class TiM4RecCLI(LightningCLI):
             self.run.record(self.subcommand)
             os.environ[CHILD_ENV] = str(self.run.path)  # DDP processes that Lightning starts join this run
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as stop:
+            stop.tim4rec_run = self.run.name if self.run is not None else None  # type: ignore[attr-defined]
+            raise
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks]
@@ -116,6 +124,18 @@ class TiM4RecCLI(LightningCLI):
 
 
 # ------------------------------------------------------------------------------------------------- run folders
+_NEW_RUNS: list[Path] = []  # run folders this process created (removed again when the command fails at once)
+
+
+def _discard_new_runs() -> None:
+    """Remove run folders this process created when they hold no checkpoint: a command that stopped on a user
+    error leaves nothing half-written behind."""
+    while _NEW_RUNS:
+        path = _NEW_RUNS.pop()
+        if path.is_dir() and not any(path.glob("checkpoints/*.ckpt")) and _is_launching_process():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _is_launching_process() -> bool:
     """True in the process that chose the run (not in a DDP process that Lightning or torchrun/srun started)."""
     return launched_rank() == 0 and not (os.environ.get(CHILD_ENV) and os.environ.get("LOCAL_RANK", "0") != "0")
@@ -166,6 +186,7 @@ def choose_run(cfg: Any, subcommand: str) -> Run:
             _expect_checkpoints_folder()
             return run
         run = create_run(root, name)
+        _NEW_RUNS.append(run.path)
         _say(f"new run {run.path} (W&B id {run.id})")
         return run
     # test / validate / predict
@@ -196,6 +217,7 @@ def choose_run(cfg: Any, subcommand: str) -> Run:
             _say(f"{subcommand} in run {run.path} with {ckpt}")
             return run
     run = create_run(root)  # an evaluation of a checkpoint from elsewhere, or of an untrained model: its own folder
+    _NEW_RUNS.append(run.path)
     _say(f"new run {run.path} for {subcommand}")
     return run
 
@@ -360,6 +382,16 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
     """Build and run the Lightning CLI (also used by tests, which pass ``args``)."""
     _configure_logging()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    inherited = os.environ.get(CHILD_ENV)
+    _NEW_RUNS.clear()
+    try:
+        return _build_cli(args)
+    finally:
+        if inherited is None:  # this process chose the run: the next command in it chooses its own
+            os.environ.pop(CHILD_ENV, None)
+
+
+def _build_cli(args: list[str] | None) -> TiM4RecCLI:
     return TiM4RecCLI(
         SeqRecModule,
         SeqRecDataModule,
@@ -384,9 +416,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(data_main(args[1:]))
         run_cli(argv)  # None: LightningCLI reads sys.argv itself
     except UserError as err:
+        _discard_new_runs()
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
+        run = getattr(stop, "tim4rec_run", None)
+        if run is not None and "--run" not in args and not any(a.startswith("--run=") for a in args):
+            args += ["--run", run]  # resume this very run, even when a newer one exists by then
         sys.exit(print_interrupt(stop, args))
     except FloatingPointError as err:  # a non-finite training loss (lightning_module.py names the step)
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)

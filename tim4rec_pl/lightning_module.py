@@ -125,7 +125,7 @@ class SeqRecModule(L.LightningModule):
                 f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
                 "stopping instead of training on NaNs: lower model.lr, or check the data's timestamps"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -147,7 +147,7 @@ class SeqRecModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None and not isinstance(opt, list):
-            self.log("train/lr", opt.param_groups[0]["lr"], on_step=False, on_epoch=True)
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     # --------------------------------------------------------------------------------------------- evaluation
     def _ranks(self, batch: dict[str, Tensor]) -> Tensor:

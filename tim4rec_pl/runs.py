@@ -87,8 +87,10 @@ def create_run(root: str | Path, name: str | None = None) -> Run:
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        run_id = new_id()
+    # a W&B sweep agent (or the user) names the W&B run through WANDB_RUN_ID: the run folder takes that id
+    wanted = os.environ.get("WANDB_RUN_ID")
+    for attempt in range(100):
+        run_id = wanted if wanted and attempt == 0 else new_id()
         path = root / (name or f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
         try:
             path.mkdir()

@@ -4,6 +4,7 @@ checkpoint), and a callback that keeps the best validation values in the W&B run
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import netrc
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def wandb_api_key_configured() -> bool:
@@ -99,20 +100,25 @@ class WandbLogger(_LightningWandbLogger):
             **extra,
             **kwargs,
         )
-        self._metrics_defined = False
+        self._defined: set[str] = set()
         self._offline = self._announce_offline  # WANDB_MODE=disabled wins over offline=True
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
 
-    @property
-    def experiment(self) -> Any:
-        run = super().experiment
-        if not self._metrics_defined and hasattr(run, "define_metric"):
-            self._metrics_defined = True
-            # every metric against the trainer's step; the summary keeps the useful aggregate of each
-            for pattern, summary in METRIC_SUMMARIES.items():
-                run.define_metric(pattern, step_metric="trainer/global_step", summary=summary)
-        return run
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        # each metric defined by its exact name the first time it is logged (W&B's glob patterns may lose to
+        # Lightning's own "*" definition): its step, and the summary of METRIC_SUMMARIES
+        run = self.experiment
+        if hasattr(run, "define_metric"):
+            for key in metrics:
+                if key in self._defined:
+                    continue
+                self._defined.add(key)
+                summary = next((v for k, v in METRIC_SUMMARIES.items() if fnmatch.fnmatchcase(key, k)), None)
+                if summary is not None:
+                    run.define_metric(key, step_metric="trainer/global_step", summary=summary)
+        super().log_metrics(metrics, step)
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
@@ -122,9 +128,10 @@ class WandbLogger(_LightningWandbLogger):
             self._announce_offline = False
 
 
-# W&B summaries: the best validation value of a run (higher is better for HR / NDCG / MRR), the lowest loss, the
-# latest test values and the mean throughput.
-METRIC_SUMMARIES = {"val/*": "max,last", "train/loss*": "min,last", "test/*": "last", "perf/*": "mean,last"}
+# W&B summaries: the best validation value of a run (higher is better for HR / NDCG / MRR) and the last, the lowest
+# and the last loss, the mean and the last throughput (W&B then keeps e.g. ``val/ndcg@10`` as ``{max, last}``); other
+# metrics (test/...) keep W&B's default, the value logged.
+METRIC_SUMMARIES = {"val/*": "max,last", "train/loss*": "min,last", "perf/*": "mean,last"}
 
 
 def git_commit() -> str | None:
@@ -175,8 +182,9 @@ class LogConfigCallback(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.loggers:  # no run folder: don't drop a config.yaml into the working directory
             self.save_to_log_dir = False
-        if stage != "fit":  # the run's config.yaml stays the fit's; test writes config-test.yaml beside it
-            self.config_filename = f"config-{stage}.yaml"
+        stage_name = str(getattr(stage, "value", stage))
+        if stage_name != "fit":  # the run's config.yaml stays the fit's; test writes config-test.yaml beside it
+            self.config_filename = f"config-{stage_name}.yaml"
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
