@@ -297,3 +297,23 @@ def test_slurm_script_resumes_only_its_own_requeued_run(tmp_path):
     os.utime(own / "last.ckpt", (1, 1))
     fit = run_slurm_script(tmp_path, restart=2)[0]
     assert "--run slurm-4242" in fit and "--ckpt_path" not in fit
+
+
+def test_sigterm_names_the_run_and_its_resume_continues_it(tmp_path):
+    cfg = write_config(tmp_path, write_fixture(tmp_path / "tiny.inter"))
+    (tmp_path / "home").mkdir()
+    env = {**wandb_env(tmp_path / "home"), "TIM4REC_TEST_SIGNAL_AFTER_STEPS": "5"}
+    stopped = finish(start_cli("fit", "--config", str(cfg), "--trainer.callbacks+=conftest.SignalAfterSteps",
+                               cwd=tmp_path, **env))  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    (run,) = list_runs(tmp_path / "runs" / "tiny")
+    line = next(line for line in stopped.stderr.splitlines() if "resume with:" in line)
+    command = line.split("resume with: tim4rec-pl ", 1)[1].split()
+    assert command[-4:] == ["--run", run.name, "--ckpt_path", "last"]
+    create_run(tmp_path / "runs" / "tiny")  # a newer run appears meanwhile: the resume still goes to this one
+    resumed = finish(start_cli(*[a for a in command if "SignalAfterSteps" not in a], cwd=tmp_path,
+                               **{**env, "TIM4REC_TEST_SIGNAL_AFTER_STEPS": None}))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 2 * 16
+    ids = {of_type(records, "run")[0].run.run_id for records in _run_records(run)}
+    assert len(_run_records(run)) == 2 and ids == {json.loads((run / "run.json").read_text())["id"]}
