@@ -203,3 +203,30 @@ def test_terminal_progress_bar_has_short_names_and_no_version(monkeypatch):
     shown = {"train/loss_step": 1.5, "train/loss_epoch": 2.0, "val/ndcg@10": 0.1, "v_num": "1t_0"}
     monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, module: dict(shown))
     assert ShortProgressBar().get_metrics(None, None) == {"loss": 1.5, "ndcg@10": 0.1}
+
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_resolves_with_its_own_run_root(path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["tim4rec-pl"])
+    assert run_in_process("fit", "--config", str(path), "--print_config") == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["run_root"] == f"runs/{path.stem}"  # every config's runs apart from the others'
+    assert config["trainer"]["devices"] == 1 and config["trainer"]["num_sanity_val_steps"] == 0
+    text = path.read_text()
+    if "\nconfig: " in text:  # an overlay: the base's data and training settings come through the include
+        base = yaml.safe_load((REPO / "configs" / text.split("\nconfig: ", 1)[1].split()[0]).read_text())
+        base_data = base.get("data") or {}
+        assert config["data"]["dataset"] == base_data.get("dataset", config["data"]["dataset"])
+        from tim4rec_pl.data.cli import config_data_section
+
+        assert config_data_section(path)["dataset"] == config["data"]["dataset"]
+
+
+def test_configs_and_scripts_cite_no_internal_documents():
+    for path in [*(REPO / "configs").rglob("*.yaml"), *(REPO / "scripts").iterdir()]:
+        text = path.read_text()
+        assert "SPEC" not in text and "issue #" not in text.lower(), path
