@@ -161,7 +161,7 @@ def test_one_wandb_run_per_experiment(experiment):
     assert len(pieces) == 3
     heads = [of_type(records, "run")[0].run for records in pieces]
     assert {h.run_id for h in heads} == {e.run_a_id}
-    assert {h.run_group for h in heads} == {"tiny"} and heads[0].job_type == "fit"
+    assert {h.run_group for h in heads} == {"tiny"} and [h.job_type for h in heads] == ["fit", "", ""]
     assert heads[0].display_name == f"tiny/{e.run_a.name}"
     b_ids = {of_type(records, "run")[0].run.run_id for records in _run_records(e.run_b)}
     assert len(b_ids) == 1 and b_ids != {e.run_a_id}

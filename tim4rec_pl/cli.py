@@ -253,8 +253,8 @@ def place_outputs(cfg: Any, subcommand: str, run: Run) -> None:
                 args.group = group
             if args.get("name") in (None, "", group):
                 args.name = f"{group}/{run.name}"
-            if not args.get("job_type"):
-                args.job_type = subcommand
+            if not args.get("job_type") and run.path in _NEW_RUNS:
+                args.job_type = subcommand  # the command that created the run; one that continues it keeps that
         elif kind in ("CSVLogger", "TensorBoardLogger"):
             args.save_dir = str(run.path)
             if args.get("name") in (None, "", "lightning_logs"):
