@@ -165,6 +165,9 @@ def test_one_wandb_run_per_experiment(experiment):
     assert heads[0].display_name == f"tiny/{e.run_a.name}"
     b_ids = {of_type(records, "run")[0].run.run_id for records in _run_records(e.run_b)}
     assert len(b_ids) == 1 and b_ids != {e.run_a_id}
+    # the test's own config goes beside the fit's (test_config), never over it
+    test_keys = {wandb_key(i) for r in of_type(pieces[1], "config") for i in r.config.update}
+    assert "test_config" in test_keys and "config" not in test_keys
     # the test's metrics are in that same run
     history = [{wandb_key(i): json.loads(i.value_json) for i in r.history.item} for r in of_type(pieces[1], "history")]
     assert any("test/ndcg@10" in h for h in history)

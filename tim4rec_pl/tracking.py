@@ -188,7 +188,11 @@ class LogConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        params: dict[str, Any] = {"config": self.resolved_config(), "env": environment_record(trainer)}
+        # a test / validate / predict that continues a fit's W&B run adds its own keys beside the fit's config
+        stage_name = str(getattr(stage, "value", stage))
+        prefix = "" if stage_name == "fit" else f"{stage_name}_"
+        params: dict[str, Any] = {f"{prefix}config": self.resolved_config()}
+        params[f"{prefix}env"] = environment_record(trainer)
         dm = trainer.datamodule
         manifest = getattr(dm, "manifest", None) if dm is not None else None
         if isinstance(manifest, dict):
