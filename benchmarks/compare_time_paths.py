@@ -152,6 +152,7 @@ def write_config(dataset: str, setting: str, seed: int, minutes: float, folder: 
     cls, init_args, mode = SETTINGS[setting]
     sched = SCHEDULE[(dataset, mode)]
     cfg["seed_everything"] = seed
+    cfg.pop("run_root", None)  # this job's folder is given explicitly below: no run folders inside it
     trainer = cfg["trainer"]
     trainer.update(
         max_epochs=300,

@@ -1,15 +1,16 @@
 """Make two tiny finished runs for ``analysis.ipynb``: TiM4Rec (time path on) and SSD4Rec* (time path off).
 
 Each run is trained and tested through the ``tim4rec-pl`` command, exactly as a user would, on a synthetic 40-user
-fixture, with the same loggers and checkpoint layout as ``configs/ml-100k.yaml``::
+fixture, with the same loggers and run folders as ``configs/ml-100k.yaml`` (run root ``<out>/runs/<name>``, one run
+folder ``<run>`` in it)::
 
-    <out>/runs/<name>/csv/version_0/metrics.csv     fit: train loss, learning rate, validation metrics per epoch
-    <out>/runs/<name>/csv/version_1/metrics.csv     test: test metrics of the best checkpoint
-    <out>/runs/<name>/checkpoints/{best,last}.ckpt
-    <out>/runs/<name>/wandb/offline-run-*/          one offline W&B run for fit, one for test
-    <out>/runs/<name>/config.yaml                   the resolved config
-    <out>/runs/tim4rec/predictions/test.parquet     top-20 per user, ``predict`` in test mode (TiM4Rec only, so
-                                                    that the notebook also meets a run without predictions)
+    <run>/csv/version_0/metrics.csv     fit: train loss, learning rate, validation metrics per epoch
+    <run>/csv/version_1/metrics.csv     test: test metrics of the best checkpoint
+    <run>/checkpoints/{best,last}.ckpt
+    <run>/wandb/offline-run-*/          the offline W&B directories of fit and test (one W&B run id)
+    <run>/config.yaml                   the resolved config of the fit
+    <run>/predictions/test.parquet      top-20 per user, ``predict`` in test mode (TiM4Rec only, so that the
+                                        notebook also meets a run without predictions)
 
 CI uses it to execute the notebook on something small (``tests/test_notebook.py``); by hand::
 
@@ -63,7 +64,7 @@ def write_config(out: Path, run: str, data_file: Path, is_time: bool, epochs: in
     """Write the config of one tiny run: the layout of ``configs/ml-100k.yaml``, a 16-d network, window 10.
 
     Args:
-        out: Folder of the tiny runs; the run goes to ``<out>/runs/<run>`` and its config to ``<out>/<run>.yaml``.
+        out: Folder of the tiny runs; the runs go under ``<out>/runs/<run>/`` and the config to ``<out>/<run>.yaml``.
         run: Run folder name.
         data_file: The interactions file (see ``write_fixture``).
         is_time: TiM4Rec's time path on (TiM4Rec) or off (SSD4Rec*).
@@ -73,6 +74,7 @@ def write_config(out: Path, run: str, data_file: Path, is_time: bool, epochs: in
     cfg = out / f"{run}.yaml"
     cfg.write_text(f"""\
 seed_everything: 7
+run_root: {save}
 trainer:
   max_epochs: {epochs}
   accelerator: cpu
@@ -83,13 +85,13 @@ trainer:
   enable_model_summary: false
   logger:
     - class_path: tim4rec_pl.tracking.WandbLogger
-      init_args: {{name: {run}, save_dir: {save}, project: tim4rec-pl, tags: [tiny]}}
+      init_args: {{project: tim4rec-pl, tags: [tiny]}}
     - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {{save_dir: {save}, name: csv}}
+      init_args: {{save_dir: {save}}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {save}/checkpoints, filename: best, monitor: val/ndcg@10, mode: max,
-                  save_top_k: 1, save_last: true, enable_version_counter: false}}
+      init_args: {{filename: best, monitor: val/ndcg@10, mode: max, save_top_k: 1, save_last: true,
+                  enable_version_counter: false}}
 model:
   network:
     class_path: tim4rec_pl.model.tim4rec.TiM4Rec
@@ -104,18 +106,25 @@ data:
     return cfg
 
 
-def _train_test_predict(cfg: Path, cwd: Path, env: dict[str, str], predictions: Path | None) -> None:
+def _train_test_predict(cfg: Path, cwd: Path, env: dict[str, str], root: Path, predict: bool) -> Path:
+    """fit, test (and predict) one config; return the run folder the fit created under ``root``."""
     exe = Path(sys.executable).with_name("tim4rec-pl")
-    commands = [["fit", "--config", str(cfg)], ["test", "--config", str(cfg), "--ckpt_path", "best"]]
-    if predictions is not None:
-        commands.append(
-            ["predict", "--config", str(cfg), "--ckpt_path", "best", "--predictions.mode", "test"]
-            + ["--predictions.top_k", "20", "--predictions.output", str(predictions)]
-        )
-    for args in commands:
+
+    def command(*args: str) -> None:
         res = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         if res.returncode != 0:
             raise RuntimeError(f"tim4rec-pl {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-4000:]}")
+
+    command("fit", "--config", str(cfg))
+    runs = sorted(p.parent for p in root.glob("*/run.json"))
+    if len(runs) != 1:
+        raise RuntimeError(f"expected one run folder under {root}, found {runs}")
+    run = runs[0]
+    command("test", "--config", str(cfg), "--ckpt_path", "best")
+    if predict:
+        command("predict", "--config", str(cfg), "--ckpt_path", "best", "--predictions.mode", "test",
+                "--predictions.top_k", "20", "--predictions.output", str(run / "predictions" / "test.parquet"))
+    return run
 
 
 def make_tiny_runs(
@@ -127,6 +136,8 @@ def make_tiny_runs(
     predict: tuple[str, ...] = ("TiM4Rec",),
 ) -> dict[str, str]:
     """Train, test (and predict) the tiny runs; return ``{display name: run folder}``, also saved as ``runs.json``.
+
+    A run folder is the one folder the fit created under ``<out>/runs/<name>/``.
 
     Args:
         out: Folder for the fixture, the configs, the prepared data and the runs.
@@ -143,12 +154,11 @@ def make_tiny_runs(
     env.setdefault("OMP_NUM_THREADS", "1")  # a 16-d model gains nothing from threads; two runs share the CPU
     jobs = []
     for name, (run, is_time) in TINY_RUNS.items():
-        predictions = out / "runs" / run / "predictions" / "test.parquet" if name in predict else None
-        jobs.append((write_config(out, run, data_file, is_time, epochs), out, env, predictions))
+        cfg = write_config(out, run, data_file, is_time, epochs)
+        jobs.append((cfg, out, env, out / "runs" / run, name in predict))
     with ThreadPoolExecutor(max_workers=len(jobs) if parallel else 1) as pool:
-        for future in [pool.submit(_train_test_predict, *job) for job in jobs]:
-            future.result()
-    runs = {name: str(out / "runs" / run) for name, (run, _) in TINY_RUNS.items()}
+        futures = [pool.submit(_train_test_predict, *job) for job in jobs]
+        runs = {name: str(future.result()) for name, future in zip(TINY_RUNS, futures)}
     (out / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     return runs
 

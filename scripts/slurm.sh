@@ -25,26 +25,34 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch scripts/slurm.sh CONFIG.yaml [more tim4rec-pl fit options]}
 shift                                    # the remaining arguments are passed on to `tim4rec-pl fit`
-RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)}   # the shipped configs write checkpoints to runs/<name>/
 GPUS_PER_NODE=${SLURM_NTASKS_PER_NODE%%(*}            # "8", or "8(x2)" on some clusters -> 8
 
 cd "${SLURM_SUBMIT_DIR:-.}"              # the repository (sbatch starts here by default too)
 # source .venv/bin/activate              # or: module load ... ; conda activate ...
-export WANDB_MODE=${WANDB_MODE:-offline} # compute nodes are often offline; upload later with `wandb sync`
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}   # no CPU oversubscription by the 8 processes of a node
+# W&B: online when the nodes can reach it and a key is configured (wandb login / WANDB_API_KEY), otherwise the
+# logger writes offline by itself; upload later with the `wandb sync` command it prints. Set WANDB_MODE to force one.
 
-# Resume from the newest of two checkpoints. After pre-emption or the time limit, Lightning (SLURMEnvironment with
-# auto_requeue, in the preset) has saved $RUN_DIR/hpc_ckpt_N.ckpt and requeued this job; run again without
-# --ckpt_path, it resumes from the highest hpc_ckpt_N by itself. A job submitted anew (after a crash, or to train
-# further) resumes from the config's last.ckpt when that one is newer.
-HPC=$(ls -t "$RUN_DIR"/hpc_ckpt_*.ckpt 2> /dev/null | head -n 1 || true)
-LAST="$RUN_DIR/checkpoints/last.ckpt"
+# One run folder per job: <run_root>/slurm-<job id>/ (run_root from the config, e.g. runs/ml-1m). A new submission
+# starts a new run; a requeued job (SLURM_RESTART_COUNT > 0, after pre-emption or the time limit) continues its own
+# run, from the newer of two checkpoints: Lightning's hpc_ckpt_N.ckpt (saved on SIGUSR1 by the preset's
+# SLURMEnvironment; Lightning resumes from it by itself when no --ckpt_path is given) or checkpoints/last.ckpt
+# (saved when the job was stopped by SIGTERM). The W&B run continues too: its id is kept in the run folder.
+RUN_NAME=${RUN_NAME:-slurm-${SLURM_JOB_ID}}
+RUN_ROOT=${RUN_ROOT:-$(awk '/^run_root:/ {print $2; exit}' "$CONFIG")}
+RUN_DIR="$RUN_ROOT/$RUN_NAME"
 RESUME=()
-if [ -f "$LAST" ] && { [ -z "$HPC" ] || [ "$LAST" -nt "$HPC" ]; }; then
-  RESUME=(--ckpt_path last)
-  echo "resuming from $LAST"
-elif [ -n "$HPC" ]; then
-  echo "resuming from $HPC (requeued job)"
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+  HPC=$(ls -t "$RUN_DIR"/hpc_ckpt_*.ckpt 2> /dev/null | head -n 1 || true)
+  LAST="$RUN_DIR/checkpoints/last.ckpt"
+  if [ -f "$LAST" ] && { [ -z "$HPC" ] || [ "$LAST" -nt "$HPC" ]; }; then
+    RESUME=(--ckpt_path last)
+    echo "requeued (restart ${SLURM_RESTART_COUNT}): resuming $RUN_DIR from $LAST"
+  elif [ -n "$HPC" ]; then
+    echo "requeued (restart ${SLURM_RESTART_COUNT}): resuming $RUN_DIR from $HPC"
+  else
+    echo "requeued (restart ${SLURM_RESTART_COUNT}) before any checkpoint: training $RUN_DIR from the start"
+  fi
 fi
 
 # srun starts --ntasks-per-node tasks on each node; Lightning reads SLURM_PROCID / SLURM_LOCALID / SLURM_NODELIST
@@ -56,17 +64,18 @@ srun tim4rec-pl fit \
   --config configs/presets/ddp-multinode.yaml \
   --trainer.num_nodes "$SLURM_NNODES" \
   --trainer.devices "$GPUS_PER_NODE" \
-  --trainer.default_root_dir "$RUN_DIR" \
+  --run "$RUN_NAME" \
   ${RESUME[@]+"${RESUME[@]}"} \
   "$@"
 
-# Training finished (a requeued job never gets here: SLURM stops it after the requeue). Test the best checkpoint on
-# the same processes; the distributed evaluation scores every user exactly once, so the numbers equal a 1-GPU test.
+# Training finished (a requeued job never gets here: SLURM stops it after the requeue). Test this run's best
+# checkpoint on the same processes; the distributed evaluation scores every user exactly once, so the numbers equal a
+# 1-GPU test. The test metrics go to the same W&B run as the training curves.
 srun tim4rec-pl test \
   --config "$CONFIG" \
   --config configs/presets/ddp-multinode.yaml \
   --trainer.num_nodes "$SLURM_NNODES" \
   --trainer.devices "$GPUS_PER_NODE" \
-  --trainer.default_root_dir "$RUN_DIR" \
+  --run "$RUN_NAME" \
   --ckpt_path best \
   "$@"

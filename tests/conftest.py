@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,42 @@ def _load_tiny_runs():
 
 
 write_fixture = _load_tiny_runs().write_fixture  # a RecBole atomic file in which every user and item survives 5-core
+
+
+# -- offline W&B runs ---------------------------------------------------------------------------------------------
+
+WANDB_HEADER = b":W&B"
+BLOCK = 32768  # the .wandb file is a LevelDB-style log: 7-byte chunk headers in 32 KiB blocks
+
+
+def wandb_records(path: Path) -> list:
+    """Every record of an offline run's ``.wandb`` file, parsed with wandb's own protobuf schema."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == WANDB_HEADER
+    pos, pending, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def of_type(records: list, kind: str) -> list:
+    return [r for r in records if r.WhichOneof("record_type") == kind]
 
 
 # -- running the CLI ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import sys
 import threading
 from pathlib import Path
@@ -16,51 +15,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import finish, load, run_in_process, start_cli, write_fixture, write_run_config
+from conftest import (
+    finish,
+    load,
+    of_type,
+    run_in_process,
+    start_cli,
+    wandb_key,
+    wandb_records,
+    write_fixture,
+    write_run_config,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from tim4rec_pl.tracking import BestMetricsSummary, WandbLogger, wandb_api_key_configured
 
-WANDB_HEADER = b":W&B"
-BLOCK = 32768  # the .wandb file is a LevelDB-style log: 7-byte chunk headers in 32 KiB blocks
-
-
-def wandb_records(path: Path) -> list:
-    """Every record of an offline run's ``.wandb`` file, parsed with wandb's own protobuf schema."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == WANDB_HEADER
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last chunk of one
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def of_type(records: list, kind: str) -> list:
-    return [r for r in records if r.WhichOneof("record_type") == kind]
-
 
 def final_summary(records: list) -> dict:
     summary: dict = {}
     for record in of_type(records, "summary"):
-        summary.update({_key(item): json.loads(item.value_json) for item in record.summary.update})
+        summary.update({wandb_key(item): json.loads(item.value_json) for item in record.summary.update})
     return summary
 
 
@@ -142,7 +118,7 @@ def test_second_fit_in_the_same_folder_rewrites_config_yaml(offline_runs):
 def _config(records: list) -> dict:
     config = {}
     for record in of_type(records, "config"):
-        config.update({_key(item): json.loads(item.value_json) for item in record.config.update})
+        config.update({wandb_key(item): json.loads(item.value_json) for item in record.config.update})
     return config
 
 
@@ -171,7 +147,7 @@ def test_offline_run_holds_the_resolved_config_and_data_identity(offline_runs, c
 def test_offline_run_holds_history_summary_and_model(offline_runs):
     records = wandb_records(next(_offline_dir(offline_runs.first).glob("run-*.wandb")))
     history = [
-        {_key(item): json.loads(item.value_json) for item in r.history.item} for r in of_type(records, "history")
+        {wandb_key(item): json.loads(item.value_json) for item in r.history.item} for r in of_type(records, "history")
     ]
     steps = [h for h in history if "train/loss_step" in h]
     assert len(steps) == 32 and all(h["train/loss_step"] > 0 for h in steps)

@@ -31,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from tim4rec_pl.atomic import remove_stale_temporaries, write_bytes_atomically
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.model.time_path import upgrade_state_dict
 
 CKPT_FIX = "pass a .ckpt written by tim4rec-pl (best, last or its file path)"
 INIT_FIX = "pass a .ckpt written by tim4rec-pl or a .pth written by the reference TiM4Rec code"
@@ -164,6 +165,8 @@ def check_checkpoint_file(
     if module is None:
         return
     expected = module.state_dict()
+    state = dict(state)
+    upgrade_state_dict(state, prefix="network.")  # older checkpoints name the time path's parameters as the paper's
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

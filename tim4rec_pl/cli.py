@@ -9,16 +9,19 @@ import tim4rec_pl.cpu_runtime  # noqa: F401
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tim4rec_pl import __version__
 from tim4rec_pl.atomic import remove_stale_temporaries, write_text_atomically
 from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file, read_checkpoint
 from tim4rec_pl.data.datamodule import SeqRecDataModule
@@ -26,9 +29,24 @@ from tim4rec_pl.errors import UserError
 from tim4rec_pl.held_output import HELD, ReleaseHeldOutput
 from tim4rec_pl.leftovers import RunFiles, begin_private_temp, end_private_temp, isolate_wandb_temp
 from tim4rec_pl.lightning_module import SeqRecModule
+from tim4rec_pl.model import sasrec, tim4rec  # noqa: F401  (imported so that --help lists them as networks)
 from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.resilience import FaultTolerance, print_interrupt
-from tim4rec_pl.tracking import BestMetricsSummary, LogConfigCallback
+from tim4rec_pl.runs import (
+    CHILD_ENV,
+    Run,
+    create_run,
+    find_run,
+    launched_rank,
+    launched_world_size,
+    newest_run_with,
+    open_run,
+    run_of_checkpoint,
+)
+from tim4rec_pl.tracking import BestMetricsSummary, EpochSummary, LogConfigCallback
+
+log = logging.getLogger("tim4rec_pl")
+DATA_HELP = "Prepare a dataset into the cache or print its statistics (tim4rec-pl data prepare|stats --help)."
 
 DESCRIPTION = (
     "Train, evaluate and serve TiM4Rec (time-aware SSD / Mamba-2 sequential recommender) and its baselines. "
@@ -37,6 +55,8 @@ DESCRIPTION = (
 
 
 class TiM4RecCLI(LightningCLI):
+    run: Run | None = None  # the run folder of this command (None when the config sets no run_root)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The catalogue size and the window length belong to the data; the network gets them from there.
         parser.link_arguments("data.num_items", "model.network.init_args.num_items", apply_on="instantiate")
@@ -45,6 +65,29 @@ class TiM4RecCLI(LightningCLI):
         # commands but registered in all so that one config with a predictions: section serves every command.
         # (Not "predict": jsonargparse already names the group of trainer.predict's own arguments so.)
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--run_root", type=str | None, default=None,
+            help="Folder holding this config's runs (e.g. runs/ml-100k). Each fit creates a new run folder in it "
+                 "(checkpoints/, csv/, wandb/, config.yaml) and the CLI points the loggers and checkpoints there; "
+                 "best / last in --ckpt_path mean the newest run's. Unset: paths are used as the config writes them.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--run", type=str | None, default=None,
+            help="A run under run_root (folder path, folder name or run id): the run whose best / last checkpoint "
+                 "test, validate and predict use (default: the newest), or the run fit --ckpt_path last resumes. "
+                 "With fit alone: the name of the new run's folder.",
+        )  # fmt: skip
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version", version=f"tim4rec-pl {__version__}")
+        subcommands = getattr(self.parser, "_subcommands_action", None)
+        if subcommands is not None:  # listed for --help only: main() hands `tim4rec-pl data ...` to data/cli.py
+            subcommands.add_subcommand(
+                "data", LightningArgumentParser(description=DATA_HELP), help=DATA_HELP
+            )
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -60,11 +103,25 @@ class TiM4RecCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         end_private_temp()  # begun in run_cli, for the parsing
-        trainer = self.config.get(str(self.subcommand), self.config).get("trainer") or {}
+        cfg = self.config[self.subcommand]
+        _check_optimizer_arguments(cfg)
+        if self.subcommand == "fit":
+            _adapt_to_validation_off(cfg)
+        if not sys.stdout.isatty() and cfg.trainer.get("enable_progress_bar") is None:
+            cfg.trainer.enable_progress_bar = False  # no carriage-return bars in log files: one line per epoch
+        if cfg.get("run_root") is not None:
+            self.run = choose_run(cfg, self.subcommand)
+            place_outputs(cfg, self.subcommand, self.run)
+        elif cfg.get("run") is not None:
+            raise UserError("--run needs a run_root in the config (e.g. run_root: runs/my-config); set one")
+        trainer = cfg.get("trainer") or {}
         if "wandb" in str(trainer.get("logger")).lower():
             isolate_wandb_temp()  # W&B's temp folders in a private folder, removed at exit (leftovers.py)
         # validate / test / predict: a failure removes the run files the command added (leftovers.py)
         self.run_files = RunFiles.from_trainer_config(trainer) if self.subcommand in EVALUATING else None
+        if self.run is not None and _is_launching_process():
+            self.run.record(self.subcommand)
+            os.environ[CHILD_ENV] = str(self.run.path)  # DDP processes that Lightning starts join this run
 
     def instantiate_classes(self) -> None:
         with self._removing_run_files_on_failure():
@@ -72,7 +129,11 @@ class TiM4RecCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         with self._removing_run_files_on_failure():
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except SIGTERMException as stop:
+                stop.tim4rec_run = self.run.name if self.run is not None else None  # type: ignore[attr-defined]
+                raise
 
     @contextlib.contextmanager
     def _removing_run_files_on_failure(self) -> Iterator[None]:
@@ -84,6 +145,10 @@ class TiM4RecCLI(LightningCLI):
             raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks]
+        ):
+            callbacks = [*callbacks, ShortProgressBar()]
         config["plugins"] = with_atomic_checkpoints(config.get("plugins"))
         trainer = super()._instantiate_trainer(config, callbacks)
         for callback in trainer.callbacks:  # config.yaml written atomically too
@@ -94,7 +159,8 @@ class TiM4RecCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "ckpt_path" in kwargs:
-            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, subcommand)
+            if self.run is None:  # with a run root, choose_run has already turned best / last into a file
+                kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, subcommand)
             check_checkpoint_file(kwargs["ckpt_path"], self.model)  # one line for a foreign file, before any run
         if kwargs.get("weights_only", False) is None:  # our checkpoints hold tensors and plain data only
             kwargs["weights_only"] = True
@@ -138,16 +204,157 @@ class _AtomicSaveParser:
         write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
 
 
+# ------------------------------------------------------------------------------------------------- run folders
+_NEW_RUNS: list[Path] = []  # run folders this process created (removed again when the command fails at once)
+
+
+def _discard_new_runs() -> None:
+    """Remove run folders this process created when they hold no checkpoint: a command that stopped on a user
+    error leaves nothing half-written behind."""
+    while _NEW_RUNS:
+        path = _NEW_RUNS.pop()
+        if path.is_dir() and not any(path.glob("checkpoints/*.ckpt")) and _is_launching_process():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_launching_process() -> bool:
+    """True in the process that chose the run (not in a DDP process that Lightning or torchrun/srun started)."""
+    return launched_rank() == 0 and not (os.environ.get(CHILD_ENV) and os.environ.get("LOCAL_RANK", "0") != "0")
+
+
+def _say(message: str) -> None:
+    if _is_launching_process():
+        log.info(f"tim4rec-pl: {message}")
+
+
+def choose_run(cfg: Any, subcommand: str) -> Run:
+    """The run folder of this command; ``cfg.ckpt_path`` is turned into a file when it says best / last."""
+    root, name, ckpt = Path(cfg.run_root), cfg.get("run"), cfg.get("ckpt_path")
+    inherited = os.environ.get(CHILD_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP process started by Lightning
+        run = open_run(Path(inherited))
+        if ckpt in ("best", "last"):
+            cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
+        return run
+    if subcommand == "fit":
+        if ckpt == "last":
+            if name is not None:
+                run = find_run(root, name)
+                if not (run.checkpoints / "last.ckpt").is_file():
+                    raise UserError(f"--ckpt_path last: run {run.path} has no checkpoints/last.ckpt to resume from; "
+                                    "run fit without --ckpt_path to start a new run")  # fmt: skip
+            else:
+                found = newest_run_with(root, "last.ckpt")
+                if found is None:
+                    raise UserError(f"--ckpt_path last: no run under {root} has a checkpoints/last.ckpt to resume "
+                                    "from; run fit without --ckpt_path to start a new run")  # fmt: skip
+                run = found[0]
+            cfg.ckpt_path = str(run.checkpoints / "last.ckpt")
+            _say(f"resuming run {run.path} (W&B id {run.id}) from {cfg.ckpt_path}")
+            _expect_checkpoints_folder()
+            return run
+        if name is None and launched_world_size() > 1:  # srun / torchrun: every process must agree on the folder
+            if not os.environ.get("SLURM_JOB_ID"):
+                raise UserError("several processes were started (WORLD_SIZE > 1): pass --run NAME so that they all "
+                                "write to the same run folder")  # fmt: skip
+            name = f"slurm-{os.environ['SLURM_JOB_ID']}"
+        if name is not None and launched_rank() != 0:
+            return open_run(root / name)  # rank 0 creates it; the other ranks write nothing there themselves
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        if name is not None and (root / name).is_dir() and (requeued or any((root / name).glob("hpc_ckpt_*.ckpt"))):
+            run = open_run(root / name)  # a requeued SLURM job: Lightning resumes from its hpc_ckpt_N.ckpt
+            _say(f"continuing requeued run {run.path} (W&B id {run.id})")
+            _expect_checkpoints_folder()
+            return run
+        run = create_run(root, name)
+        _NEW_RUNS.append(run.path)
+        _say(f"new run {run.path} (W&B id {run.id})")
+        return run
+    # test / validate / predict
+    if name is not None:
+        run = find_run(root, name)
+        if ckpt in ("best", "last"):
+            cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
+            if not Path(cfg.ckpt_path).is_file():
+                raise UserError(f"--ckpt_path {ckpt}: run {run.path} has no checkpoints/{ckpt}.ckpt; "
+                                "pick another run with --run, or pass a checkpoint file")  # fmt: skip
+        _say(f"{subcommand} in run {run.path}" + (f" with {cfg.ckpt_path}" if cfg.get("ckpt_path") else ""))
+        return run
+    if ckpt in ("best", "last"):
+        found = newest_run_with(root, f"{ckpt}.ckpt")
+        if found is None:
+            raise UserError(f"--ckpt_path {ckpt}: no run under {root} has a checkpoints/{ckpt}.ckpt; train first with "
+                            "`tim4rec-pl fit --config ...`, or pass the checkpoint's file path")  # fmt: skip
+        run, count = found
+        cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
+        others = f"newest of {count} runs in {root}; pick another with --run" if count > 1 else f"the run in {root}"
+        _say(f"--ckpt_path {ckpt}: {cfg.ckpt_path} ({others})")
+        return run
+    if ckpt is not None:
+        if "://" not in ckpt and not Path(ckpt).is_file():
+            raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file; pass an existing .ckpt, or best / last")
+        run = run_of_checkpoint(ckpt) if "://" not in ckpt else None
+        if run is not None:
+            _say(f"{subcommand} in run {run.path} with {ckpt}")
+            return run
+    run = create_run(root)  # an evaluation of a checkpoint from elsewhere, or of an untrained model: its own folder
+    _NEW_RUNS.append(run.path)
+    _say(f"new run {run.path} for {subcommand}")
+    return run
+
+
+def _expect_checkpoints_folder() -> None:
+    """A resumed run writes into its own, non-empty checkpoints/ on purpose: Lightning need not warn about it."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def _entries(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _class_name(entry: Any) -> str:
+    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] if hasattr(entry, "get") else ""
+
+
+def place_outputs(cfg: Any, subcommand: str, run: Run) -> None:
+    """Point the trainer, the loggers and the checkpoints of ``cfg`` at the run folder."""
+    cfg.trainer.default_root_dir = str(run.path)
+    group = Path(cfg.run_root).name
+    for logger in _entries(cfg.trainer.get("logger")):
+        kind, args = _class_name(logger), logger.get("init_args")
+        if args is None:
+            continue
+        if kind == "WandbLogger":
+            args.save_dir = str(run.path)
+            args.id = run.id  # one W&B run per run folder: a resumed fit and test/validate continue it
+            args.resume = "allow"
+            if not args.get("group"):
+                args.group = group
+            if args.get("name") in (None, "", group):
+                args.name = f"{group}/{run.name}"
+            if not args.get("job_type") and run.path in _NEW_RUNS:
+                args.job_type = subcommand  # the command that created the run; one that continues it keeps that
+        elif kind in ("CSVLogger", "TensorBoardLogger"):
+            args.save_dir = str(run.path)
+            if args.get("name") in (None, "", "lightning_logs"):
+                args.name = "csv" if kind == "CSVLogger" else "tensorboard"
+    for callback in _entries(cfg.trainer.get("callbacks")):
+        if _class_name(callback) == "ModelCheckpoint" and callback.get("init_args") is not None:
+            callback.init_args.dirpath = str(run.checkpoints)
+
+
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
     return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
             if isinstance(cb, ModelCheckpoint) and cb.dirpath]
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> str | None:
-    """Turn ``best`` / ``last`` into a file when this process has not trained (a new ``test`` run), and check paths.
+    """Without a run root: turn ``best`` / ``last`` into a file of the checkpoint folder the config names.
 
-    ``best`` is ``<checkpoint dirpath>/best.ckpt`` and ``last`` is ``<checkpoint dirpath>/last.ckpt``, the files the
-    shipped configs' ModelCheckpoint writes.
+    ``best`` is ``<checkpoint dirpath>/best.ckpt`` and ``last`` is ``<checkpoint dirpath>/last.ckpt``, the files a
+    ModelCheckpoint with ``filename: best, save_last: true`` writes.
     """
     if ckpt_path is None:
         return None
@@ -173,6 +380,47 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> s
     return ckpt_path
 
 
+# ------------------------------------------------------------------------------------------- other config checks
+def _check_optimizer_arguments(cfg: Any) -> None:
+    """Lightning's --lr_scheduler works only beside an --optimizer; alone it would be dropped without a word."""
+    if cfg.get("lr_scheduler") is not None and cfg.get("optimizer") is None:
+        raise UserError("--lr_scheduler is used only together with --optimizer (e.g. --optimizer Adam "
+                        "--optimizer.lr 1e-3); for a warm-up with the built-in Adam use --model.warmup_steps N "
+                        "and --model.lr_schedule cosine|constant")  # fmt: skip
+
+
+def _adapt_to_validation_off(cfg: Any) -> None:
+    """With ``trainer.limit_val_batches 0`` nothing is validated: checkpoints keep the latest epoch, no early stop."""
+    limit = cfg.trainer.get("limit_val_batches")
+    if limit is None or float(limit) != 0.0:
+        return
+    callbacks = _entries(cfg.trainer.get("callbacks"))
+    kept = [c for c in callbacks if _class_name(c) != "EarlyStopping"]
+    for callback in kept:
+        if _class_name(callback) == "ModelCheckpoint" and callback.get("init_args") is not None:
+            callback.init_args.monitor = None
+            callback.init_args.save_top_k = 1
+    if callbacks:
+        cfg.trainer.callbacks = kept
+    _say("validation is off (trainer.limit_val_batches 0): checkpoints keep the latest epoch (best.ckpt is the "
+         "last epoch) and early stopping is off")  # fmt: skip
+
+
+class ShortProgressBar(TQDMProgressBar):
+    """The terminal progress bar with short names (loss, ndcg@10) and without Lightning's ``v_num``."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        short: dict[str, Any] = {}
+        for key, value in metrics.items():
+            name = key.split("/", 1)[-1].removesuffix("_step")
+            if name.endswith("_epoch"):
+                continue
+            short[name] = value
+        return short
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to the ``sys.stderr`` of the moment: tests and notebooks swap it, and a handler that kept the stream
     it was created with would write to a closed one."""
@@ -182,7 +430,26 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class _DropThirdPartyNoise(logging.Filter):
+    """Lightning's advertisements and lines about hardware this package never uses (TPU, HPU)."""
+
+    PREFIXES = ("💡 Tip:", "TPU available", "HPU available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _quiet_third_parties() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch", "lightning.fabric"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropThirdPartyNoise) for f in target.filters):
+            target.addFilter(_DropThirdPartyNoise())
+    # Lightning's own pytree helper on recent torch; nothing a user of this package can change
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def _configure_logging() -> None:
+    _quiet_third_parties()
     logger = logging.getLogger("tim4rec_pl")
     if not logger.handlers:
         handler = _StderrHandler()
@@ -197,10 +464,14 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
     _configure_logging()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     begin_private_temp()  # W&B's temp folders, if parsing imports it, in a private folder (leftovers.py)
+    inherited = os.environ.get(CHILD_ENV)
+    _NEW_RUNS.clear()
     try:
         return _build_cli(args)
     finally:
         end_private_temp()
+        if inherited is None:  # this process chose the run: the next command in it chooses its own
+            os.environ.pop(CHILD_ENV, None)
 
 
 def _build_cli(args: list[str] | None) -> TiM4RecCLI:
@@ -211,7 +482,7 @@ def _build_cli(args: list[str] | None) -> TiM4RecCLI:
         save_config_kwargs={"overwrite": True},
         # always on, in every config: stop cleanly on SIGTERM/SIGINT; best validation values in the W&B summary
         # and the held setup lines printed once the command really starts (held_output.py)
-        trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary(), ReleaseHeldOutput()]},
+        trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary(), EpochSummary(), ReleaseHeldOutput()]},
         parser_kwargs={"description": DESCRIPTION, "default_env": False},
         args=args,
     )
@@ -220,6 +491,9 @@ def _build_cli(args: list[str] | None) -> TiM4RecCLI:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] in (["--version"], ["-V"]):
+            print(f"tim4rec-pl {__version__}")
+            sys.exit(0)
         if args and args[0] == "data":
             from tim4rec_pl.data.cli import main as data_main
 
@@ -234,9 +508,13 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             HELD.release()
     except UserError as err:
+        _discard_new_runs()
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
+        run = getattr(stop, "tim4rec_run", None)
+        if run is not None and "--run" not in args and not any(a.startswith("--run=") for a in args):
+            args += ["--run", run]  # resume this very run, even when a newer one exists by then
         sys.exit(print_interrupt(stop, args))
     except FloatingPointError as err:  # a non-finite training loss (lightning_module.py names the step)
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)

@@ -9,25 +9,44 @@ and predict run its inference encoder (``tim4rec_pl.inference``: the same result
 from __future__ import annotations
 
 import logging
+import math
+from functools import partial
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from tim4rec_pl import __version__, inference
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.metrics import FullRankMetrics, full_ranks
+from tim4rec_pl.model.base import SequenceEncoder
 
 log = logging.getLogger("tim4rec_pl")
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based): a linear warm-up over
+    ``warmup_steps`` (step 0 gets 1 / warmup_steps), then 1 (constant) or a half cosine from 1 down to 0 at
+    ``total_steps`` (cosine)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class SeqRecModule(L.LightningModule):
     def __init__(
         self,
-        network: nn.Module,
+        network: SequenceEncoder,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         topk: list[int] | None = None,
         eval_block_size: int = 65536,
         init_from: str | None = None,
@@ -40,6 +59,10 @@ class SeqRecModule(L.LightningModule):
                 ``tim4rec_pl.model.sasrec.SASRec``. ``num_items`` and ``max_seq_len`` are filled in from the data.
             lr: Adam learning rate (the paper: 1e-3; 5e-4 for Steam).
             weight_decay: Adam weight decay (the paper: 0).
+            warmup_steps: Optimiser steps over which the learning rate rises linearly from ~0 to ``lr`` (0: none).
+                Large DDP batches train more stably with a few hundred.
+            lr_schedule: After the warm-up: ``constant`` (stay at ``lr``) or ``cosine`` (decay to 0 at the last
+                step of ``trainer.max_epochs`` / ``max_steps``).
             topk: Cut-offs K for HR/NDCG/MRR@K in validation and test (default 10, 20, 50).
             eval_block_size: Items scored at once in evaluation; bounds memory for very large catalogues.
             init_from: Optional weights to start from: a checkpoint of the reference RecBole implementation
@@ -142,16 +165,29 @@ class SeqRecModule(L.LightningModule):
                 f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
                 "stopping instead of training on NaNs: lower model.lr, or check the data's timestamps"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warmup, schedule = int(self.hparams.get("warmup_steps", 0)), self.hparams.get("lr_schedule", "constant")
+        if warmup < 0:
+            raise UserError(f"model.warmup_steps is {warmup}; use 0 (no warm-up) or a positive number of steps")
+        if schedule not in ("constant", "cosine"):
+            raise UserError(f"model.lr_schedule is {schedule!r}; use constant or cosine")
+        if warmup == 0 and schedule == "constant":
+            return optimizer
+        total = self.trainer.estimated_stepping_batches if schedule == "cosine" else 0
+        if schedule == "cosine" and not math.isfinite(total):
+            raise UserError("model.lr_schedule cosine needs a known length; set trainer.max_epochs or max_steps")
+        factor = partial(lr_factor, warmup_steps=warmup, schedule=schedule, total_steps=int(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None and not isinstance(opt, list):
-            self.log("train/lr", opt.param_groups[0]["lr"], on_step=False, on_epoch=True)
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     # --------------------------------------------------------------------------------------------- evaluation
     def _ranks(self, batch: dict[str, Tensor]) -> Tensor:

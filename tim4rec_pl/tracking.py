@@ -4,9 +4,13 @@ checkpoint), and a callback that keeps the best validation values in the W&B run
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import math
 import netrc
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def wandb_api_key_configured() -> bool:
@@ -46,6 +50,10 @@ class WandbLogger(_LightningWandbLogger):
         tags: list[str] | None = None,
         log_model: bool | str = False,
         offline: bool | None = None,
+        id: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        resume: str | None = None,
         **kwargs: Any,
     ) -> None:
         """W&B logger.
@@ -59,6 +67,11 @@ class WandbLogger(_LightningWandbLogger):
                 ModelCheckpoint kept, e.g. best.ckpt with the alias ``best`` and last.ckpt), ``"all"`` (every
                 checkpoint as it is written), ``False`` (never). Not after an interrupted or failed run.
             offline: Force offline (``True``) or online (``False``); ``None`` decides from WANDB_MODE and the API key.
+            id: W&B run id. With a run root the CLI sets it to the run folder's id, so that a resumed fit and the
+                test of its checkpoint continue the same W&B run.
+            group: W&B group (the CLI sets the config's name: all runs of one config side by side).
+            job_type: W&B job type (the CLI sets the command: fit, test, validate, predict).
+            resume: W&B resume mode for ``id`` (``allow``: continue the run when it exists, else start it).
             **kwargs: Passed on to ``wandb.init`` (e.g. ``entity``, ``group``, ``notes``).
         """
         mode = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -75,6 +88,7 @@ class WandbLogger(_LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         # Lightning refuses log_model with offline=True, but W&B logs artifacts offline too (`wandb sync` uploads
         # them, from the machine that staged them): the mode above keeps the run offline, the flag is set after.
+        extra = {k: v for k, v in (("group", group), ("job_type", job_type), ("resume", resume)) if v is not None}
         super().__init__(
             name=name,
             save_dir=save_dir,
@@ -82,11 +96,29 @@ class WandbLogger(_LightningWandbLogger):
             tags=tags,
             log_model=log_model,
             offline=bool(offline) and not log_model,
+            id=id,
+            **extra,
             **kwargs,
         )
+        self._defined: set[str] = set()
         self._offline = self._announce_offline  # WANDB_MODE=disabled wins over offline=True
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        # each metric defined by its exact name the first time it is logged (W&B's glob patterns may lose to
+        # Lightning's own "*" definition): its step, and the summary of METRIC_SUMMARIES
+        run = self.experiment
+        if hasattr(run, "define_metric"):
+            for key in metrics:
+                if key in self._defined:
+                    continue
+                self._defined.add(key)
+                summary = next((v for k, v in METRIC_SUMMARIES.items() if fnmatch.fnmatchcase(key, k)), None)
+                if summary is not None:
+                    run.define_metric(key, step_metric="trainer/global_step", summary=summary)
+        super().log_metrics(metrics, step)
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
@@ -94,6 +126,46 @@ class WandbLogger(_LightningWandbLogger):
             run_dir = Path(self._experiment.dir).parent
             rank_zero_info(f"W&B run written offline to {run_dir}; upload it with: wandb sync {run_dir}")
             self._announce_offline = False
+
+
+# W&B summaries: the best validation value of a run (higher is better for HR / NDCG / MRR) and the last, the lowest
+# and the last loss, the mean and the last throughput (W&B then keeps e.g. ``val/ndcg@10`` as ``{max, last}``); other
+# metrics (test/...) keep W&B's default, the value logged.
+METRIC_SUMMARIES = {"val/*": "max,last", "train/loss*": "min,last", "perf/*": "mean,last"}
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package is imported from (``+dirty`` when it has changes), or None."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
+def environment_record(trainer: L.Trainer) -> dict[str, Any]:
+    """Where the run ran: resolved device (name of the GPU), world size, precision, git commit, run folder."""
+    device = trainer.strategy.root_device
+    record: dict[str, Any] = {
+        "device": str(device),
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "git_commit": git_commit(),
+        "run_folder": str(trainer.default_root_dir),
+    }
+    if device.type == "cuda":
+        import torch
+
+        record["device_name"] = torch.cuda.get_device_name(device)
+    return record
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -110,10 +182,17 @@ class LogConfigCallback(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.loggers:  # no run folder: don't drop a config.yaml into the working directory
             self.save_to_log_dir = False
+        stage_name = str(getattr(stage, "value", stage))
+        if stage_name != "fit":  # the run's config.yaml stays the fit's; test writes config-test.yaml beside it
+            self.config_filename = f"config-{stage_name}.yaml"
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        params: dict[str, Any] = {"config": self.resolved_config()}
+        # a test / validate / predict that continues a fit's W&B run adds its own keys beside the fit's config
+        stage_name = str(getattr(stage, "value", stage))
+        prefix = "" if stage_name == "fit" else f"{stage_name}_"
+        params: dict[str, Any] = {f"{prefix}config": self.resolved_config()}
+        params[f"{prefix}env"] = environment_record(trainer)
         dm = trainer.datamodule
         manifest = getattr(dm, "manifest", None) if dm is not None else None
         if isinstance(manifest, dict):
@@ -185,3 +264,89 @@ class BestMetricsSummary(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = dict(state_dict.get("best", {}))
+
+
+class EpochSummary(Callback):
+    """Epoch time and training throughput as metrics, and one line per epoch when there is no progress bar.
+
+    Logs ``perf/epoch_time_s`` (training and validation of the epoch, wall clock) and ``perf/samples_per_s``
+    (training samples of all processes per second of the training batches). Without a progress bar (output to a
+    file, ``trainer.enable_progress_bar: false``) rank 0 prints, once per epoch::
+
+        epoch 3 (max 8)  41.2 s  5210 samples/s  train/loss 6.1234  val/ndcg@10 0.0512 hr@10 0.1041 mrr@10 0.0381
+        best 0.0530 (epoch 2)
+
+    (on one line).
+    """
+
+    def __init__(self) -> None:
+        self._epoch_start = 0.0
+        self._train_time = 0.0
+        self._batch_start = 0.0
+        self._samples = 0
+        self._best: tuple[float, int] | None = None  # (best score, its epoch) as seen at the end of each epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_time, self._samples = 0.0, 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._train_time += time.perf_counter() - self._batch_start
+        seqs = batch.get("item_seq") if isinstance(batch, dict) else None
+        self._samples += int(seqs.shape[0]) if seqs is not None else 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        throughput = self._samples * trainer.world_size / self._train_time if self._train_time > 0 else 0.0
+        pl_module.log("perf/epoch_time_s", elapsed, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        pl_module.log("perf/samples_per_s", throughput, on_step=False, on_epoch=True, sync_dist=True,
+                      reduce_fx="min")  # fmt: skip
+        monitor, mode = _monitor(trainer)
+        value = trainer.callback_metrics.get(monitor)
+        if value is not None and not math.isnan(float(value)):
+            previous = self._best[0] if self._best is not None else None
+            if previous is None or (float(value) > previous if mode == "max" else float(value) < previous):
+                self._best = (float(value), trainer.current_epoch)
+        if trainer.progress_bar_callback is None and trainer.is_global_zero:
+            logging.getLogger("tim4rec_pl").info(self.line(trainer, elapsed, throughput))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self._best) if self._best is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        best = state_dict.get("best")
+        self._best = (float(best[0]), int(best[1])) if best else None
+
+    def line(self, trainer: L.Trainer, elapsed: float, throughput: float) -> str:
+        metrics = trainer.callback_metrics
+        total = f" (max {trainer.max_epochs})" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        parts = [f"epoch {trainer.current_epoch}{total}", f"{elapsed:.1f} s", f"{throughput:.0f} samples/s"]
+        loss = metrics.get("train/loss_epoch", metrics.get("train/loss"))
+        if loss is not None:
+            parts.append(f"train/loss {float(loss):.4f}")
+        monitor, _ = _monitor(trainer)
+        cutoff = "@" + monitor.rsplit("@", 1)[1] if "@" in monitor else ""
+        shown = [monitor] + sorted(k for k in metrics if k.startswith("val/") and k != monitor and k.endswith(cutoff))
+        values = [f"{k if i == 0 else k.removeprefix('val/')} {float(metrics[k]):.4f}"
+                  for i, k in enumerate(shown) if k in metrics]  # fmt: skip
+        if values:
+            parts.append(" ".join(values))
+        if self._best is not None:
+            parts.append(f"best {self._best[0]:.4f} (epoch {self._best[1]})")
+        return "  ".join(parts)
+
+
+
+def _monitor(trainer: L.Trainer) -> tuple[str, str]:
+    """The metric and mode that decide the best epoch: the checkpoint callback's, else val/ndcg@10 (max)."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.monitor:
+        return callback.monitor, callback.mode
+    return "val/ndcg@10", "max"

@@ -86,14 +86,19 @@ def config_data_section(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: cannot read it ({e.strerror or e}); check the path") from None
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-    data = config.get("data") if isinstance(config, dict) else None
-    if data is None:
+    if not isinstance(config, dict):
         return {}
-    if not isinstance(data, dict):
+    values: dict[str, Any] = {}
+    if isinstance(config.get("config"), str):  # a config that includes another (configs/*-ssd4rec.yaml ...)
+        values.update(config_data_section(path.parent / config["config"]))
+    data = config.get("data")
+    if data is not None and not isinstance(data, dict):
         raise UserError(f"--config {path}: data: must be a mapping of SeqRecDataModule arguments; fix the file")
-    if isinstance(data.get("init_args"), dict):
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
         data = data["init_args"]
-    return {k: v for k, v in data.items() if k in (*SOURCE_KEYS, *PROTOCOL_KEYS, "data_dir")}
+    values.update(data or {})
+    values.update({k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("data.")})  # data.batch_size: ...
+    return {k: v for k, v in values.items() if k in (*SOURCE_KEYS, *PROTOCOL_KEYS, "data_dir")}
 
 
 def resolve_options(args: argparse.Namespace) -> tuple[SourceConfig, ProtocolConfig, str]:

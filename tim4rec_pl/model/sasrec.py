@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.model.base import SequenceEncoder
 from tim4rec_pl.model.layers import Dropout, init_recsys_weights
 
 
@@ -49,7 +50,7 @@ class SASRecBlock(nn.Module):
         return self.ffn_norm(self.dropout(f) + h)
 
 
-class SASRec(nn.Module):
+class SASRec(SequenceEncoder):
     """SASRec sequence encoder with a tied item-embedding output layer. Timestamps are accepted and ignored."""
 
     def __init__(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tim4rec_pl.errors import UserError
+from tim4rec_pl.model.base import SequenceEncoder
 from tim4rec_pl.model.layers import Dropout, FeedForward, init_recsys_weights
 from tim4rec_pl.model.time_path import CausalTime, NoTime, ReferenceTime, TimeState, step_gap, upgrade_state_dict
 from tim4rec_pl.model.tissd import ACTIVATIONS, ConvActivation, SSDBackend, TimePath, TiSSD
@@ -80,7 +81,7 @@ class StreamState:
         return StreamState(**moved)
 
 
-class TiM4Rec(nn.Module):
+class TiM4Rec(SequenceEncoder):
     """TiM4Rec sequence encoder with a tied item-embedding output layer."""
 
     def __init__(
