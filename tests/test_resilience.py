@@ -27,6 +27,7 @@ from tim4rec_pl.data.datamodule import SeqRecDataModule, TrainSampler
 from tim4rec_pl.data.loader import ResumableDataLoader
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.resilience import (
+    Interrupted,
     describe_interrupt,
     rng_state,
     save_checkpoint_atomically,
@@ -358,20 +359,17 @@ def test_atomic_save_never_leaves_a_torn_checkpoint(tmp_path):
 
 
 def test_describe_interrupt_builds_the_resume_command():
-    stop = SIGTERMException()
-    stop.code = 143
-    stop.tim4rec_signal, stop.tim4rec_checkpoint = "SIGTERM", "/r/last.ckpt"
-    stop.tim4rec_epoch, stop.tim4rec_step, stop.tim4rec_rank = 3, 120, 0
+    stop = Interrupted("SIGTERM", epoch=3, step=120, rank=0, checkpoint="/r/last.ckpt")
     code, line = describe_interrupt(
         stop, ["fit", "--config", "my run.yaml", "--ckpt_path", "old.ckpt", "--seed_everything=1"]
     )
     assert code == 143
     assert line == ("tim4rec-pl: stopped by SIGTERM at epoch 3, step 120; checkpoint: /r/last.ckpt; resume with: "
                     "tim4rec-pl fit --config 'my run.yaml' --seed_everything=1 --ckpt_path last")  # fmt: skip
-    stop.tim4rec_checkpoint = None  # checkpointing switched off
-    assert describe_interrupt(stop, ["fit"])[1].endswith(
-        "no checkpoint written (trainer.enable_checkpointing is false)"
-    )
-    stop.tim4rec_rank = 1
-    assert describe_interrupt(stop, ["fit"]) == (143, None)  # only rank 0 speaks
+    in_run = describe_interrupt(stop.in_run("20261204-101500-abcd"), ["fit", "--config", "c.yaml"])[1]
+    assert in_run.endswith("resume with: tim4rec-pl fit --config c.yaml --run 20261204-101500-abcd --ckpt_path last")
+    assert describe_interrupt(Interrupted("SIGINT", 0, 5, 0, None), ["fit"]) == (
+        130, "tim4rec-pl: stopped by SIGINT at epoch 0, step 5; no checkpoint written (trainer.enable_checkpointing "
+        "is false)")  # fmt: skip
+    assert describe_interrupt(Interrupted("SIGTERM", 3, 120, 1, "/r/last.ckpt"), ["fit"]) == (143, None)  # rank 0 only
     assert describe_interrupt(SIGTERMException(), ["test"]) == (143, "tim4rec-pl: stopped by SIGTERM")

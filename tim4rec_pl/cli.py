@@ -31,7 +31,7 @@ from tim4rec_pl.leftovers import RunFiles, begin_private_temp, end_private_temp,
 from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.model import sasrec, tim4rec  # noqa: F401  (imported so that --help lists them as networks)
 from tim4rec_pl.predict import PredictionWriter
-from tim4rec_pl.resilience import FaultTolerance, print_interrupt
+from tim4rec_pl.resilience import FaultTolerance, Interrupted, print_interrupt
 from tim4rec_pl.runs import (
     CHILD_ENV,
     Run,
@@ -131,9 +131,11 @@ class TiM4RecCLI(LightningCLI):
         with self._removing_run_files_on_failure():
             try:
                 super()._run_subcommand(subcommand)
-            except SIGTERMException as stop:
-                stop.tim4rec_run = self.run.name if self.run is not None else None  # type: ignore[attr-defined]
-                raise
+            except SIGTERMException:
+                report = _interrupt_report(getattr(self, "trainer", None))
+                if report is None:
+                    raise
+                raise report.in_run(self.run.name if self.run is not None else None) from None
 
     @contextlib.contextmanager
     def _removing_run_files_on_failure(self) -> Iterator[None]:
@@ -164,10 +166,20 @@ class TiM4RecCLI(LightningCLI):
             check_checkpoint_file(kwargs["ckpt_path"], self.model)  # one line for a foreign file, before any run
         if kwargs.get("weights_only", False) is None:  # our checkpoints hold tensors and plain data only
             kwargs["weights_only"] = True
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the PredictionWriter keeps the top-K; no list of every batch
         return kwargs
 
 
 EVALUATING = ("validate", "test", "predict")
+
+
+def _interrupt_report(trainer: Any) -> Interrupted | None:
+    """What the FaultTolerance callback recorded when fit stopped on a signal (None: nothing recorded)."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, FaultTolerance) and callback.interrupted is not None:
+            return callback.interrupted
+    return None
 
 
 def with_atomic_checkpoints(plugins: Any) -> list[Any]:
@@ -512,9 +524,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
-        run = getattr(stop, "tim4rec_run", None)
-        if run is not None and "--run" not in args and not any(a.startswith("--run=") for a in args):
-            args += ["--run", run]  # resume this very run, even when a newer one exists by then
         sys.exit(print_interrupt(stop, args))
     except FloatingPointError as err:  # a non-finite training loss (lightning_module.py names the step)
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)

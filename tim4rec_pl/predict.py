@@ -168,13 +168,10 @@ class PredictionWriter(Callback):
         check_writable(self.output)  # before any user is scored
         if self.users is not None:
             self._dense_users = resolve_users(read_user_tokens(self.users), prepared.user_tokens)
-        # The data module serves the predict loader from these two attributes.
-        dm.predict_split, dm.predict_users = self.mode, self._dense_users
+        dm.set_predict_request(self.mode, self._dense_users)
         self._items = torch.as_tensor(np.asarray(prepared.items, dtype=np.int64))
         self._offsets = torch.as_tensor(np.asarray(prepared.offsets, dtype=np.int64))
         self._chunks = []
-        # Only the top-K is kept: Lightning's in-memory list of every batch's representations is not needed.
-        trainer.predict_loop.return_predictions = False
 
     def on_predict_batch_end(
         self,

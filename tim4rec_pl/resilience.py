@@ -100,6 +100,25 @@ def interrupt_checkpoint_path(trainer: L.Trainer) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------- callback
+class Interrupted(SIGTERMException):
+    """``fit`` stopped by a signal at a batch boundary: what the one-line message needs (see ``describe_interrupt``).
+
+    ``FaultTolerance`` records one when it has written the interrupt checkpoint; the CLI raises it in place of
+    Lightning's bare ``SIGTERMException``, adding the run folder's name (``run``) for the resume command.
+    """
+
+    def __init__(
+        self, signal_name: str, epoch: int, step: int, rank: int, checkpoint: str | None, run: str | None = None
+    ) -> None:
+        super().__init__(128 + int(signal.Signals[signal_name]))
+        self.signal_name, self.epoch, self.step, self.rank = signal_name, epoch, step, rank
+        self.checkpoint, self.run = checkpoint, run
+
+    def in_run(self, run: str | None) -> Interrupted:
+        """The same report, naming the run folder that the resume command should continue."""
+        return Interrupted(self.signal_name, self.epoch, self.step, self.rank, self.checkpoint, run)
+
+
 class FaultTolerance(Callback):
     """SIGTERM / SIGINT during ``fit``: stop after the running batch, write ``last.ckpt`` atomically, exit cleanly.
 
@@ -110,6 +129,7 @@ class FaultTolerance(Callback):
     def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received, until the run stops
         self.checkpoint_path: Path | None = None  # where the interrupt checkpoint went
+        self.interrupted: Interrupted | None = None  # what the CLI reports once fit stopped on a signal
         self._previous: dict[int, Any] = {}
         self._pending_rng: dict[str, Any] | None = None
         self._trainer: L.Trainer | None = None
@@ -156,7 +176,7 @@ class FaultTolerance(Callback):
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum, self.checkpoint_path = None, None  # a Trainer may fit more than once
+        self.signum, self.checkpoint_path, self.interrupted = None, None, None  # a Trainer may fit more than once
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install(trainer)
@@ -194,12 +214,13 @@ class FaultTolerance(Callback):
         target = interrupt_checkpoint_path(trainer)
         self.checkpoint_path = save_checkpoint_atomically(trainer, target) if target is not None else None
         self._uninstall()
-        exception.code = 128 + int(signum)
-        exception.tim4rec_signal = signal.Signals(signum).name  # type: ignore[attr-defined]
-        exception.tim4rec_checkpoint = str(self.checkpoint_path) if target is not None else None  # type: ignore
-        exception.tim4rec_epoch = trainer.current_epoch  # type: ignore[attr-defined]
-        exception.tim4rec_step = trainer.global_step  # type: ignore[attr-defined]
-        exception.tim4rec_rank = trainer.global_rank  # type: ignore[attr-defined]
+        self.interrupted = Interrupted(
+            signal.Signals(signum).name,
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            rank=trainer.global_rank,
+            checkpoint=str(self.checkpoint_path) if target is not None else None,
+        )
 
     # -- state in checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -217,14 +238,13 @@ def describe_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> tupl
         argv: The command's arguments (without the program name), to print the resume command.
     """
     code = exception.code if isinstance(exception.code, int) and exception.code else 128 + int(signal.SIGTERM)
-    if getattr(exception, "tim4rec_rank", 0) != 0:
-        return code, None
-    name = getattr(exception, "tim4rec_signal", signal.Signals(code - 128).name if code > 128 else "SIGTERM")
-    if not hasattr(exception, "tim4rec_step"):  # not a fit stopped by FaultTolerance
+    if not isinstance(exception, Interrupted):  # not a fit stopped by FaultTolerance
+        name = signal.Signals(code - 128).name if code > 128 else "SIGTERM"
         return code, f"tim4rec-pl: stopped by {name}"
-    where = f"stopped by {name} at epoch {exception.tim4rec_epoch}, step {exception.tim4rec_step}"  # type: ignore
-    path = getattr(exception, "tim4rec_checkpoint", None)
-    if path is None:
+    if exception.rank != 0:
+        return code, None
+    where = f"stopped by {exception.signal_name} at epoch {exception.epoch}, step {exception.step}"
+    if exception.checkpoint is None:
         return code, f"tim4rec-pl: {where}; no checkpoint written (trainer.enable_checkpointing is false)"
     args, skip = [], False
     for arg in argv:
@@ -234,8 +254,10 @@ def describe_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> tupl
             skip = True
         elif not arg.startswith("--ckpt_path="):
             args.append(arg)
+    if exception.run is not None and "--run" not in args and not any(a.startswith("--run=") for a in args):
+        args += ["--run", exception.run]  # resume this very run, even when a newer one exists by then
     resume = " ".join(shlex.quote(a) for a in [*args, "--ckpt_path", "last"])
-    return code, f"tim4rec-pl: {where}; checkpoint: {path}; resume with: tim4rec-pl {resume}"
+    return code, f"tim4rec-pl: {where}; checkpoint: {exception.checkpoint}; resume with: tim4rec-pl {resume}"
 
 
 def print_interrupt(exception: SIGTERMException, argv: Sequence[str]) -> int:

@@ -281,9 +281,9 @@ class SeqRecDataModule(lightning.LightningDataModule):
         self._datasets: dict[str, SeqRecDataset] = {}
         self._seed: int | None = None
         self._stats_logged = False
-        # What `predict_dataloader` serves; tim4rec_pl.predict.PredictionWriter sets them from --predictions.*.
-        self.predict_split: Literal["next", "test"] = "next"
-        self.predict_users: list[int] | None = None  # dense user ids, in output order (None: every user)
+        # What `predict_dataloader` serves (see `set_predict_request`).
+        self._predict_split: Literal["next", "test"] = "next"
+        self._predict_users: list[int] | None = None  # dense user ids, in output order (None: every user)
 
     @classmethod
     def from_prepared(cls, prepared: PreparedData, **kwargs: Any) -> SeqRecDataModule:
@@ -380,8 +380,13 @@ class SeqRecDataModule(lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.eval_dataset("test"))
 
+    def set_predict_request(self, split: Literal["next", "test"], users: list[int] | None = None) -> None:
+        """What `predict_dataloader` serves: the window before each user's next interaction ("next") or before the
+        held-out test item ("test"), for `users` (dense ids, in output order) or every user (None)."""
+        self._predict_split, self._predict_users = split, users
+
     def predict_dataloader(self) -> DataLoader:
-        return self.eval_dataloader(self.eval_dataset(self.predict_split, self.predict_users))
+        return self.eval_dataloader(self.eval_dataset(self._predict_split, self._predict_users))
 
     # -- building blocks for the lead's predict modes ----------------------------------------------------------
 
