@@ -25,6 +25,7 @@ TESTS = Path(__file__).resolve().parent
 
 # -- a tiny RecBole atomic file ------------------------------------------------------------------------------------
 
+
 def _load_tiny_runs():
     """The tiny-fixture writer lives in notebooks/make_tiny_runs.py (a script users run too); share it, not copy it."""
     path = Path(__file__).resolve().parents[1] / "notebooks" / "make_tiny_runs.py"
@@ -74,6 +75,7 @@ def of_type(records: list, kind: str) -> list:
 
 
 # -- running the CLI ---------------------------------------------------------------------------------------------
+
 
 class SignalAfterSteps(Callback):
     """Test-only: sends ``TIM4REC_TEST_SIGNAL`` (default SIGTERM) to this process once ``global_step`` reaches

@@ -45,7 +45,8 @@ def test_metric_values_hand_computed():
     assert out["hr@50"].item() == pytest.approx(5 / n)
     assert out["ndcg@10"].item() == pytest.approx((1 / math.log2(2) + 1 / math.log2(5) + 1 / math.log2(11)) / n)
     assert out["ndcg@20"].item() == pytest.approx(
-        (1 / math.log2(2) + 1 / math.log2(5) + 1 / math.log2(11) + 1 / math.log2(12)) / n)
+        (1 / math.log2(2) + 1 / math.log2(5) + 1 / math.log2(11) + 1 / math.log2(12)) / n
+    )
     assert out["mrr@10"].item() == pytest.approx((1 + 1 / 4 + 1 / 10) / n)
     assert out["mrr@50"].item() == pytest.approx((1 + 1 / 4 + 1 / 10 + 1 / 11 + 1 / 50) / n)
 

@@ -22,6 +22,7 @@ from tim4rec_pl.model.tim4rec import TiM4Rec
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     os.environ["WANDB_MODE"] = "disabled"

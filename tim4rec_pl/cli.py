@@ -85,9 +85,7 @@ class TiM4RecCLI(LightningCLI):
         self.parser.add_argument("--version", action="version", version=f"tim4rec-pl {__version__}")
         subcommands = getattr(self.parser, "_subcommands_action", None)
         if subcommands is not None:  # listed for --help only: main() hands `tim4rec-pl data ...` to data/cli.py
-            subcommands.add_subcommand(
-                "data", LightningArgumentParser(description=DATA_HELP), help=DATA_HELP
-            )
+            subcommands.add_subcommand("data", LightningArgumentParser(description=DATA_HELP), help=DATA_HELP)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -358,8 +356,7 @@ def place_outputs(cfg: Any, subcommand: str, run: Run) -> None:
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
-    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> str | None:
@@ -373,9 +370,11 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> s
     if ckpt_path in ("best", "last"):
         if subcommand == "fit":
             if ckpt_path == "last" and not any((d / "last.ckpt").is_file() for d in _checkpoint_dirs(trainer)):
-                raise UserError("--ckpt_path last: no last.ckpt to resume from in "
-                                f"{[str(d) for d in _checkpoint_dirs(trainer)] or 'any checkpoint folder'}; "
-                                "run fit without --ckpt_path to start a new run")
+                raise UserError(
+                    "--ckpt_path last: no last.ckpt to resume from in "
+                    f"{[str(d) for d in _checkpoint_dirs(trainer)] or 'any checkpoint folder'}; "
+                    "run fit without --ckpt_path to start a new run"
+                )
             return ckpt_path
         callback = trainer.checkpoint_callback
         if ckpt_path == "best" and callback is not None and getattr(callback, "best_model_path", ""):
@@ -385,8 +384,10 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any, subcommand: str) -> s
             if candidate.is_file():
                 return str(candidate)
         dirs = [str(d) for d in _checkpoint_dirs(trainer)]
-        raise UserError(f"--ckpt_path {ckpt_path}: no {ckpt_path}.ckpt in {dirs or 'any checkpoint folder'}; "
-                        "train first with `tim4rec-pl fit --config ...` or pass the checkpoint's file path")
+        raise UserError(
+            f"--ckpt_path {ckpt_path}: no {ckpt_path}.ckpt in {dirs or 'any checkpoint folder'}; "
+            "train first with `tim4rec-pl fit --config ...` or pass the checkpoint's file path"
+        )
     if "://" not in ckpt_path and not Path(ckpt_path).is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file; pass an existing .ckpt, or best / last")
     return ckpt_path

@@ -210,8 +210,9 @@ class SeqRecModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_metrics.reset()
-        self.log_dict({f"test/{name}": value.float() for name, value in values.items()},
-                      sync_dist=True, reduce_fx="max")  # exact on equal values (see on_validation_epoch_end)
+        self.log_dict(
+            {f"test/{name}": value.float() for name, value in values.items()}, sync_dist=True, reduce_fx="max"
+        )  # exact on equal values (see on_validation_epoch_end)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """(B, d) sequence representations; ``tim4rec_pl.predict.PredictionWriter`` turns them into top-K items."""
@@ -251,8 +252,10 @@ class SeqRecModule(L.LightningModule):
         for p in unused:
             p.requires_grad_(False)
         if unused and self.trainer.global_rank == 0:
-            log.info(f"DDP: {len(unused)} parameter tensors never reach the loss and are frozen "
-                     f"({', '.join(names[id(p)] for p in unused[:4])}{', ...' if len(unused) > 4 else ''})")
+            log.info(
+                f"DDP: {len(unused)} parameter tensors never reach the loss and are frozen "
+                f"({', '.join(names[id(p)] for p in unused[:4])}{', ...' if len(unused) > 4 else ''})"
+            )
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -261,13 +264,15 @@ class SeqRecModule(L.LightningModule):
         if self.ssd_backend_resolved is not None:
             checkpoint["tim4rec_pl"]["ssd_backend"] = self.ssd_backend_resolved
         if self._compiled:  # store plain parameter names, loadable without torch.compile
-            checkpoint["state_dict"] = {k.replace("network._orig_mod.", "network."): v
-                                        for k, v in checkpoint["state_dict"].items()}
+            checkpoint["state_dict"] = {
+                k.replace("network._orig_mod.", "network."): v for k, v in checkpoint["state_dict"].items()
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._compiled:
-            checkpoint["state_dict"] = {k.replace("network.", "network._orig_mod.", 1): v
-                                        for k, v in checkpoint["state_dict"].items()}
+            checkpoint["state_dict"] = {
+                k.replace("network.", "network._orig_mod.", 1): v for k, v in checkpoint["state_dict"].items()
+            }
         ours = checkpoint.get("state_dict", {})
         mine = self.state_dict()
         for key, value in ours.items():
@@ -278,4 +283,3 @@ class SeqRecModule(L.LightningModule):
                     f"{tuple(mine[key].shape)} here (data checksum in checkpoint: {saved}); use the config and data "
                     "the checkpoint was trained with"
                 )
-

@@ -343,7 +343,6 @@ class EpochSummary(Callback):
         return "  ".join(parts)
 
 
-
 def _monitor(trainer: L.Trainer) -> tuple[str, str]:
     """The metric and mode that decide the best epoch: the checkpoint callback's, else val/ndcg@10 (max)."""
     callback = trainer.checkpoint_callback
