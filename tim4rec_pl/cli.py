@@ -9,7 +9,6 @@ import tim4rec_pl.cpu_runtime  # noqa: F401
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -32,17 +31,17 @@ from tim4rec_pl.lightning_module import SeqRecModule
 from tim4rec_pl.model import sasrec, tim4rec  # noqa: F401  (imported so that --help lists them as networks)
 from tim4rec_pl.predict import PredictionWriter
 from tim4rec_pl.resilience import FaultTolerance, Interrupted, print_interrupt
-from tim4rec_pl.runs import (
-    CHILD_ENV,
-    Run,
-    create_run,
-    find_run,
-    launched_rank,
-    launched_world_size,
-    newest_run_with,
-    open_run,
-    run_of_checkpoint,
+from tim4rec_pl.run_config import (
+    NEW_RUNS,
+    choose_run,
+    class_name,
+    config_entries,
+    discard_new_runs,
+    is_launching_process,
+    place_outputs,
+    say,
 )
+from tim4rec_pl.runs import CHILD_ENV, Run
 from tim4rec_pl.tracking import BestMetricsSummary, EpochSummary, LogConfigCallback
 
 log = logging.getLogger("tim4rec_pl")
@@ -117,7 +116,7 @@ class TiM4RecCLI(LightningCLI):
             isolate_wandb_temp()  # W&B's temp folders in a private folder, removed at exit (leftovers.py)
         # validate / test / predict: a failure removes the run files the command added (leftovers.py)
         self.run_files = RunFiles.from_trainer_config(trainer) if self.subcommand in EVALUATING else None
-        if self.run is not None and _is_launching_process():
+        if self.run is not None and is_launching_process():
             self.run.record(self.subcommand)
             os.environ[CHILD_ENV] = str(self.run.path)  # DDP processes that Lightning starts join this run
 
@@ -214,147 +213,6 @@ class _AtomicSaveParser:
         write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
 
 
-# ------------------------------------------------------------------------------------------------- run folders
-_NEW_RUNS: list[Path] = []  # run folders this process created (removed again when the command fails at once)
-
-
-def _discard_new_runs() -> None:
-    """Remove run folders this process created when they hold no checkpoint: a command that stopped on a user
-    error leaves nothing half-written behind."""
-    while _NEW_RUNS:
-        path = _NEW_RUNS.pop()
-        if path.is_dir() and not any(path.glob("checkpoints/*.ckpt")) and _is_launching_process():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_launching_process() -> bool:
-    """True in the process that chose the run (not in a DDP process that Lightning or torchrun/srun started)."""
-    return launched_rank() == 0 and not (os.environ.get(CHILD_ENV) and os.environ.get("LOCAL_RANK", "0") != "0")
-
-
-def _say(message: str) -> None:
-    if _is_launching_process():
-        log.info(f"tim4rec-pl: {message}")
-
-
-def choose_run(cfg: Any, subcommand: str) -> Run:
-    """The run folder of this command; ``cfg.ckpt_path`` is turned into a file when it says best / last."""
-    root, name, ckpt = Path(cfg.run_root), cfg.get("run"), cfg.get("ckpt_path")
-    inherited = os.environ.get(CHILD_ENV)
-    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP process started by Lightning
-        run = open_run(Path(inherited))
-        if ckpt in ("best", "last"):
-            cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
-        return run
-    if subcommand == "fit":
-        if ckpt == "last":
-            if name is not None:
-                run = find_run(root, name)
-                if not (run.checkpoints / "last.ckpt").is_file():
-                    raise UserError(f"--ckpt_path last: run {run.path} has no checkpoints/last.ckpt to resume from; "
-                                    "run fit without --ckpt_path to start a new run")  # fmt: skip
-            else:
-                found = newest_run_with(root, "last.ckpt")
-                if found is None:
-                    raise UserError(f"--ckpt_path last: no run under {root} has a checkpoints/last.ckpt to resume "
-                                    "from; run fit without --ckpt_path to start a new run")  # fmt: skip
-                run = found[0]
-            cfg.ckpt_path = str(run.checkpoints / "last.ckpt")
-            _say(f"resuming run {run.path} (W&B id {run.id}) from {cfg.ckpt_path}")
-            _expect_checkpoints_folder()
-            return run
-        if name is None and launched_world_size() > 1:  # srun / torchrun: every process must agree on the folder
-            if not os.environ.get("SLURM_JOB_ID"):
-                raise UserError("several processes were started (WORLD_SIZE > 1): pass --run NAME so that they all "
-                                "write to the same run folder")  # fmt: skip
-            name = f"slurm-{os.environ['SLURM_JOB_ID']}"
-        if name is not None and launched_rank() != 0:
-            return open_run(root / name)  # rank 0 creates it; the other ranks write nothing there themselves
-        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-        if name is not None and (root / name).is_dir() and (requeued or any((root / name).glob("hpc_ckpt_*.ckpt"))):
-            run = open_run(root / name)  # a requeued SLURM job: Lightning resumes from its hpc_ckpt_N.ckpt
-            _say(f"continuing requeued run {run.path} (W&B id {run.id})")
-            _expect_checkpoints_folder()
-            return run
-        run = create_run(root, name)
-        _NEW_RUNS.append(run.path)
-        _say(f"new run {run.path} (W&B id {run.id})")
-        return run
-    # test / validate / predict
-    if name is not None:
-        run = find_run(root, name)
-        if ckpt in ("best", "last"):
-            cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
-            if not Path(cfg.ckpt_path).is_file():
-                raise UserError(f"--ckpt_path {ckpt}: run {run.path} has no checkpoints/{ckpt}.ckpt; "
-                                "pick another run with --run, or pass a checkpoint file")  # fmt: skip
-        _say(f"{subcommand} in run {run.path}" + (f" with {cfg.ckpt_path}" if cfg.get("ckpt_path") else ""))
-        return run
-    if ckpt in ("best", "last"):
-        found = newest_run_with(root, f"{ckpt}.ckpt")
-        if found is None:
-            raise UserError(f"--ckpt_path {ckpt}: no run under {root} has a checkpoints/{ckpt}.ckpt; train first with "
-                            "`tim4rec-pl fit --config ...`, or pass the checkpoint's file path")  # fmt: skip
-        run, count = found
-        cfg.ckpt_path = str(run.checkpoints / f"{ckpt}.ckpt")
-        others = f"newest of {count} runs in {root}; pick another with --run" if count > 1 else f"the run in {root}"
-        _say(f"--ckpt_path {ckpt}: {cfg.ckpt_path} ({others})")
-        return run
-    if ckpt is not None:
-        if "://" not in ckpt and not Path(ckpt).is_file():
-            raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file; pass an existing .ckpt, or best / last")
-        run = run_of_checkpoint(ckpt) if "://" not in ckpt else None
-        if run is not None:
-            _say(f"{subcommand} in run {run.path} with {ckpt}")
-            return run
-    run = create_run(root)  # an evaluation of a checkpoint from elsewhere, or of an untrained model: its own folder
-    _NEW_RUNS.append(run.path)
-    _say(f"new run {run.path} for {subcommand}")
-    return run
-
-
-def _expect_checkpoints_folder() -> None:
-    """A resumed run writes into its own, non-empty checkpoints/ on purpose: Lightning need not warn about it."""
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-
-def _entries(value: Any) -> list[Any]:
-    if value is None or isinstance(value, bool):
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _class_name(entry: Any) -> str:
-    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] if hasattr(entry, "get") else ""
-
-
-def place_outputs(cfg: Any, subcommand: str, run: Run) -> None:
-    """Point the trainer, the loggers and the checkpoints of ``cfg`` at the run folder."""
-    cfg.trainer.default_root_dir = str(run.path)
-    group = Path(cfg.run_root).name
-    for logger in _entries(cfg.trainer.get("logger")):
-        kind, args = _class_name(logger), logger.get("init_args")
-        if args is None:
-            continue
-        if kind == "WandbLogger":
-            args.save_dir = str(run.path)
-            args.id = run.id  # one W&B run per run folder: a resumed fit and test/validate continue it
-            args.resume = "allow"
-            if not args.get("group"):
-                args.group = group
-            if args.get("name") in (None, "", group):
-                args.name = f"{group}/{run.name}"
-            if not args.get("job_type") and run.path in _NEW_RUNS:
-                args.job_type = subcommand  # the command that created the run; one that continues it keeps that
-        elif kind in ("CSVLogger", "TensorBoardLogger"):
-            args.save_dir = str(run.path)
-            if args.get("name") in (None, "", "lightning_logs"):
-                args.name = "csv" if kind == "CSVLogger" else "tensorboard"
-    for callback in _entries(cfg.trainer.get("callbacks")):
-        if _class_name(callback) == "ModelCheckpoint" and callback.get("init_args") is not None:
-            callback.init_args.dirpath = str(run.checkpoints)
-
-
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
     return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
 
@@ -407,15 +265,15 @@ def _adapt_to_validation_off(cfg: Any) -> None:
     limit = cfg.trainer.get("limit_val_batches")
     if limit is None or float(limit) != 0.0:
         return
-    callbacks = _entries(cfg.trainer.get("callbacks"))
-    kept = [c for c in callbacks if _class_name(c) != "EarlyStopping"]
+    callbacks = config_entries(cfg.trainer.get("callbacks"))
+    kept = [c for c in callbacks if class_name(c) != "EarlyStopping"]
     for callback in kept:
-        if _class_name(callback) == "ModelCheckpoint" and callback.get("init_args") is not None:
+        if class_name(callback) == "ModelCheckpoint" and callback.get("init_args") is not None:
             callback.init_args.monitor = None
             callback.init_args.save_top_k = 1
     if callbacks:
         cfg.trainer.callbacks = kept
-    _say("validation is off (trainer.limit_val_batches 0): checkpoints keep the latest epoch (best.ckpt is the "
+    say("validation is off (trainer.limit_val_batches 0): checkpoints keep the latest epoch (best.ckpt is the "
          "last epoch) and early stopping is off")  # fmt: skip
 
 
@@ -478,7 +336,7 @@ def run_cli(args: list[str] | None = None) -> TiM4RecCLI:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     begin_private_temp()  # W&B's temp folders, if parsing imports it, in a private folder (leftovers.py)
     inherited = os.environ.get(CHILD_ENV)
-    _NEW_RUNS.clear()
+    NEW_RUNS.clear()
     try:
         return _build_cli(args)
     finally:
@@ -521,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             HELD.release()
     except UserError as err:
-        _discard_new_runs()
+        discard_new_runs()
         print(f"tim4rec-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException as stop:  # SIGTERM/SIGINT during fit: checkpoint written at a batch boundary
