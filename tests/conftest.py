@@ -129,6 +129,57 @@ data:
     return cfg
 
 
+def write_rooted_config(
+    tmp: Path,
+    data_file: Path,
+    *,
+    max_epochs: int = 2,
+    batch_size: int = 32,
+    wandb: bool = False,
+    quiet: bool = False,
+    **model: object,
+) -> Path:
+    """A tiny TiM4Rec config in the shipped configs' run-folder form: a ``run_root`` and no paths for the loggers or
+    the checkpoints (the CLI points them at each run's folder). ``wandb`` adds a W&B logger, ``quiet`` turns off the
+    progress bar and model summary, ``model`` adds keys to the ``model:`` section (e.g. ``lr_schedule``)."""
+    wandb_logger = (
+        "\n    - class_path: tim4rec_pl.tracking.WandbLogger\n      init_args: {project: tiny}" if wandb else ""
+    )
+    quiet_lines = "\n  enable_progress_bar: false\n  enable_model_summary: false" if quiet else ""
+    extra = "".join(f"\n  {k}: {v}" for k, v in model.items())
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(f"""
+seed_everything: 7
+run_root: {tmp}/runs/tiny
+trainer:
+  max_epochs: {max_epochs}
+  accelerator: cpu
+  devices: 1
+  num_sanity_val_steps: 0
+  log_every_n_steps: 5{quiet_lines}
+  logger:{wandb_logger}
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {{save_dir: {tmp}/runs/tiny}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{filename: best, monitor: val/ndcg@10, mode: max, save_top_k: 1, save_last: true,
+                  enable_version_counter: false}}
+    - class_path: lightning.pytorch.callbacks.EarlyStopping
+      init_args: {{monitor: val/ndcg@10, mode: max, patience: 5}}
+model:
+  network:
+    class_path: tim4rec_pl.model.tim4rec.TiM4Rec
+    init_args: {{d_model: 16, d_state: 8, head_dim: 8, chunk_size: 4}}{extra}
+  topk: [5, 10, 20]
+data:
+  path: {data_file}
+  data_dir: {tmp}/data
+  max_seq_len: 10
+  batch_size: {batch_size}
+""")
+    return cfg
+
+
 def subprocess_env(**extra: str | None) -> dict[str, str]:
     """This environment for a CLI subprocess, W&B disabled, ``extra`` on top (``None`` removes a variable)."""
     # one torch thread, here and in-process (`one_thread`): the same arithmetic in every run, and no thread

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, run_in_process, write_fixture
+from conftest import cli, run_in_process, write_fixture, write_rooted_config
 
 import tim4rec_pl
 from tim4rec_pl.data.sources import OFFLINE_ENV, REGISTRY, find_or_fetch
@@ -23,38 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp: Path, **model: object) -> Path:
-    extra = "".join(f"\n  {k}: {v}" for k, v in model.items())
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(f"""
-seed_everything: 7
-run_root: {tmp}/runs/tiny
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  num_sanity_val_steps: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {{save_dir: {tmp}/runs/tiny}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{filename: best, monitor: val/ndcg@10, mode: max, save_top_k: 1, save_last: true,
-                  enable_version_counter: false}}
-    - class_path: lightning.pytorch.callbacks.EarlyStopping
-      init_args: {{monitor: val/ndcg@10, mode: max, patience: 5}}
-model:
-  network:
-    class_path: tim4rec_pl.model.tim4rec.TiM4Rec
-    init_args: {{d_model: 16, d_state: 8, head_dim: 8, chunk_size: 4}}{extra}
-data:
-  path: {write_fixture(tmp / "tiny.inter")}
-  data_dir: {tmp}/data
-  max_seq_len: 10
-  batch_size: 32
-""")
-    return cfg
+    return write_rooted_config(tmp, write_fixture(tmp / "tiny.inter"), max_epochs=1, quiet=True, **model)
 
 
 def test_top_level_help_lists_data_and_version(capsys, monkeypatch):

@@ -15,55 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import finish, load, of_type, start_cli, wandb_key, wandb_records, write_fixture
+from conftest import finish, load, of_type, start_cli, wandb_key, wandb_records, write_fixture, write_rooted_config
 
 from tim4rec_pl import runs as runs_module
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.runs import create_run, find_run, list_runs, newest_run_with
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp: Path, data_file: Path, *, batch_size: int = 32, max_epochs: int = 2, wandb: bool = True) -> Path:
-    """A tiny config in the shipped configs' run-folder form: a run root, no paths for loggers or checkpoints."""
-    wandb_logger = (
-        """
-    - class_path: tim4rec_pl.tracking.WandbLogger
-      init_args: {project: tiny}"""
-        if wandb
-        else ""
-    )
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(f"""
-seed_everything: 7
-run_root: {tmp}/runs/tiny
-trainer:
-  max_epochs: {max_epochs}
-  accelerator: cpu
-  devices: 1
-  num_sanity_val_steps: 0
-  log_every_n_steps: 5
-  logger:{wandb_logger}
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {{save_dir: {tmp}/runs/tiny}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{filename: best, monitor: val/ndcg@10, mode: max, save_top_k: 1, save_last: true,
-                  enable_version_counter: false}}
-    - class_path: lightning.pytorch.callbacks.EarlyStopping
-      init_args: {{monitor: val/ndcg@10, mode: max, patience: 5}}
-model:
-  network:
-    class_path: tim4rec_pl.model.tim4rec.TiM4Rec
-    init_args: {{d_model: 16, d_state: 8, head_dim: 8, chunk_size: 4}}
-  topk: [5, 10, 20]
-data:
-  path: {data_file}
-  data_dir: {tmp}/data
-  max_seq_len: 10
-  batch_size: {batch_size}
-""")
-    return cfg
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -87,7 +45,7 @@ def experiment(tmp_path_factory):
     """fit A; fit B (other lr); test best (B); test --run A; fit --ckpt_path last --run A (resume A)."""
     tmp = tmp_path_factory.mktemp("runs")
     (tmp / "home").mkdir()
-    cfg = write_config(tmp, write_fixture(tmp / "tiny.inter"))
+    cfg = write_rooted_config(tmp, write_fixture(tmp / "tiny.inter"), wandb=True)
     env = wandb_env(tmp / "home")
     root = tmp / "runs" / "tiny"
 
@@ -235,7 +193,7 @@ def test_find_run_by_name_id_prefix_and_path(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- output
 def test_redirected_fit_prints_one_line_per_epoch(tmp_path):
-    cfg = write_config(tmp_path, write_fixture(tmp_path / "tiny.inter"), batch_size=20, max_epochs=1, wandb=False)
+    cfg = write_rooted_config(tmp_path, write_fixture(tmp_path / "tiny.inter"), batch_size=20, max_epochs=1)
     log = tmp_path / "fit.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop("PYTHONWARNINGS", None)  # the warnings a user would see, not a silenced run
@@ -303,7 +261,7 @@ def test_slurm_script_resumes_only_its_own_requeued_run(tmp_path):
 
 
 def test_sigterm_names_the_run_and_its_resume_continues_it(tmp_path):
-    cfg = write_config(tmp_path, write_fixture(tmp_path / "tiny.inter"))
+    cfg = write_rooted_config(tmp_path, write_fixture(tmp_path / "tiny.inter"), wandb=True)
     (tmp_path / "home").mkdir()
     env = {**wandb_env(tmp_path / "home"), "TIM4REC_TEST_SIGNAL_AFTER_STEPS": "5"}
     stopped = finish(start_cli("fit", "--config", str(cfg), "--trainer.callbacks+=conftest.SignalAfterSteps",
