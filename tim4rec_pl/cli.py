@@ -13,15 +13,14 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tim4rec_pl import __version__
-from tim4rec_pl.atomic import remove_stale_temporaries, write_text_atomically
 from tim4rec_pl.checkpoints import AtomicCheckpointIO, check_checkpoint_file, read_checkpoint
 from tim4rec_pl.data.datamodule import SeqRecDataModule
 from tim4rec_pl.errors import UserError
@@ -86,11 +85,6 @@ class TiM4RecCLI(LightningCLI):
         if subcommands is not None:  # listed for --help only: main() hands `tim4rec-pl data ...` to data/cli.py
             subcommands.add_subcommand("data", LightningArgumentParser(description=DATA_HELP), help=DATA_HELP)
 
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        parser = super().init_parser(**kwargs)
-        parser.error = _parser_error(parser)  # one line instead of the full usage (see docs/errors.md)
-        return parser
-
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before anything else: identify the file first
         ckpt_path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
@@ -149,11 +143,7 @@ class TiM4RecCLI(LightningCLI):
         ):
             callbacks = [*callbacks, ShortProgressBar()]
         config["plugins"] = with_atomic_checkpoints(config.get("plugins"))
-        trainer = super()._instantiate_trainer(config, callbacks)
-        for callback in trainer.callbacks:  # config.yaml written atomically too
-            if isinstance(callback, SaveConfigCallback) and not isinstance(callback.parser, _AtomicSaveParser):
-                callback.parser = _AtomicSaveParser(callback.parser)
-        return trainer
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -187,30 +177,15 @@ def with_atomic_checkpoints(plugins: Any) -> list[Any]:
     return plugins
 
 
-def _parser_error(parser: LightningArgumentParser) -> Any:
-    """A parser's ``error``: a one-line UserError naming the option's problem and where the help is."""
+class OneLineErrorParser(LightningArgumentParser):
+    """The CLI's parser: a mistaken option or config value is one UserError line naming the problem and where the
+    help is, instead of the whole usage text (docs/errors.md)."""
 
-    def error(message: str, ex: Exception | None = None) -> None:
-        sub = getattr(ex, "subcommand_parser", None) or parser
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        sub = getattr(ex, "subcommand_parser", None) or self
         prog = sub.prog.replace(" [options]", "")
         first = " ".join(str(message).split())  # jsonargparse's messages may span lines
         raise UserError(f"{first}; see {prog} --help")
-
-    return error
-
-
-class _AtomicSaveParser:
-    """The config callback's parser, with ``save`` writing ``config.yaml`` through a temporary file."""
-
-    def __init__(self, parser: LightningArgumentParser) -> None:
-        self._parser = parser
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)
-
-    def save(self, cfg: Any, path: str, skip_none: bool = True, **kwargs: Any) -> None:
-        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))  # what a killed run left
-        write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
 
 
 def _checkpoint_dirs(trainer: Any) -> list[Path]:
@@ -355,6 +330,7 @@ def _build_cli(args: list[str] | None) -> TiM4RecCLI:
         # and the held setup lines printed once the command really starts (held_output.py)
         trainer_defaults={"callbacks": [FaultTolerance(), BestMetricsSummary(), EpochSummary(), ReleaseHeldOutput()]},
         parser_kwargs={"description": DESCRIPTION, "default_env": False},
+        parser_class=OneLineErrorParser,
         args=args,
     )
 

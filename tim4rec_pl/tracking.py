@@ -16,11 +16,14 @@ from typing import Any
 
 import lightning as L
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from tim4rec_pl.atomic import remove_stale_temporaries, write_text_atomically
 
 
 def wandb_api_key_configured() -> bool:
@@ -168,10 +171,27 @@ def environment_record(trainer: L.Trainer) -> dict[str, Any]:
     return record
 
 
+class _AtomicSaveParser:
+    """A parser whose ``save`` writes the config through a temporary file in the target's folder (fsync, rename)."""
+
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        self._parser = parser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+    def save(self, cfg: Any, path: str, skip_none: bool = True, **kwargs: Any) -> None:
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))  # what a killed run left
+        write_text_atomically(path, self._parser.dump(cfg, skip_none=skip_none), what="config")
+
+
 class LogConfigCallback(SaveConfigCallback):
     """Writes ``config.yaml`` into the run folder, logs the same resolved config (what ``--print_config`` prints),
     the data statistics and the data manifest checksum to every logger (W&B shows them as the run's config), and
     stores the config in every checkpoint as ``checkpoint["tim4rec_pl"]["config"]`` (plain dicts and lists)."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_AtomicSaveParser(parser), config, *args, **kwargs)  # config.yaml written atomically
 
     def resolved_config(self) -> dict[str, Any]:
         """The subcommand's resolved config as plain data, exactly as written to ``config.yaml``."""
