@@ -325,3 +325,18 @@ def test_checkpoints_with_the_reference_time_path_names_load_strictly_into_the_l
     fresh = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
     fresh.load_state_dict(module.state_dict(), strict=True)  # and today's names load as they are
     assert all(torch.equal(fresh.network.state_dict()[k], v) for k, v in ours.items())
+
+
+def test_checkpoint_check_accepts_the_older_time_path_names_and_refuses_another_network(tmp_path):
+    """`--ckpt_path` is checked against the network before anything runs: a checkpoint written with the reference
+    time-path names passes (it loads, see above), one of another network is refused with one line."""
+    from tim4rec_pl.checkpoints import check_checkpoint_file
+    from tim4rec_pl.lightning_module import SeqRecModule
+
+    sd = random_reference_state_dict(n_items=20, d_model=16, max_seq_len=6, num_layers=2, d_state=8, head_dim=8)
+    path = tmp_path / "old-names.ckpt"
+    torch.save({"state_dict": {"network." + k: v for k, v in sd.items()}, "pytorch-lightning_version": "2.6.0"}, path)
+    module = SeqRecModule(TiM4Rec(20, max_seq_len=6, d_model=16, num_layers=2, d_state=8, head_dim=8))
+    check_checkpoint_file(str(path), module)  # no error
+    with pytest.raises(UserError, match="does not fit this config"):
+        check_checkpoint_file(str(path), SeqRecModule(SASRec(20, max_seq_len=6, d_model=16)))
