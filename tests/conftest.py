@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -72,6 +73,19 @@ def wandb_key(item) -> str:
 
 def of_type(records: list, kind: str) -> list:
     return [r for r in records if r.WhichOneof("record_type") == kind]
+
+
+# -- torch threads -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: tiny tensors gain nothing from more, every run does the same
+    arithmetic, and a shared 2-core machine sees no OpenMP contention (modules opt in with ``usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- running the CLI ---------------------------------------------------------------------------------------------
@@ -182,7 +196,7 @@ data:
 
 def subprocess_env(**extra: str | None) -> dict[str, str]:
     """This environment for a CLI subprocess, W&B disabled, ``extra`` on top (``None`` removes a variable)."""
-    # one torch thread, here and in-process (`one_thread`): the same arithmetic in every run, and no thread
+    # one torch thread, here and in-process (`one_torch_thread`): the same arithmetic in every run, and no thread
     # contention on a small shared machine
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key, value in extra.items():

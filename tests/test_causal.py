@@ -19,13 +19,7 @@ from tim4rec_pl.model.time_path import gap_features
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def causal_net(seed: int = 0, **kw) -> TiM4Rec:

@@ -28,12 +28,7 @@ from tim4rec_pl.model.tim4rec import TiM4Rec
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def batch(lengths: list[int], max_len: int, n_items: int, seed: int = 0, left: bool = False):

@@ -23,13 +23,7 @@ from tim4rec_pl.model.sasrec import SASRec
 from tim4rec_pl.model.tim4rec import TiM4Rec
 from tim4rec_pl.model.time_path import upgrade_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 _FAKE_MODULES = ["recbole", "recbole.config", "recbole.config.configurator", "recbole.utils", "recbole.utils.enum_type"]

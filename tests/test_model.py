@@ -16,14 +16,7 @@ from tim4rec_pl.model.layers import causal_conv_channels_last
 from tim4rec_pl.model.sasrec import SASRec
 from tim4rec_pl.model.tim4rec import TiM4Rec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def make_batch(lengths: list[int], max_len: int, n_items: int, seed: int = 0, unix: bool = True):

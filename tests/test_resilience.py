@@ -56,12 +56,7 @@ def read_test_metrics(run_dir: Path) -> dict[str, float]:
     return found
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +66,7 @@ def _quiet_wandb(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, one_thread):
+def interrupted(tmp_path_factory, one_torch_thread):
     """An uninterrupted 2-epoch fit, and the same fit stopped by SIGTERM at step 20 then resumed in this process."""
     tmp = tmp_path_factory.mktemp("resilience")
     data = write_fixture(tmp / "tiny.inter")

@@ -10,13 +10,7 @@ import torch
 from tim4rec_pl.errors import UserError
 from tim4rec_pl.model.tim4rec import StreamState, TiM4Rec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def net(seed: int = 0, **kw) -> TiM4Rec:

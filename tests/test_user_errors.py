@@ -41,12 +41,7 @@ class _Payload:
         return (Path.touch, (Path("/nonexistent/payload-ran"),))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def tree(*roots: Path) -> set[str]:
